@@ -1,0 +1,223 @@
+"""Shared Triton GEMM with a fused epilogue: ``y = act(x · Wᵀ + b)``, for the encoder's linear layers.
+
+One kernel serves every projection that wants work folded into the GEMM's store:
+- bias add (always; the bias tile is read once per output tile),
+- activation: none, exact erf GELU or tanh GELU (same formulas as ``torch.nn.functional.gelu``),
+- optional store of the pre-activation ``x · Wᵀ + b`` (what GELU's backward needs),
+- optional column split: column ``c`` of the N outputs goes to slab ``c // split_n`` of a
+  ``[N // split_n, M, split_n]`` buffer, so the QKV projection writes q, k and v as three contiguous
+  ``[M, H]`` (= ``[B, T, h, d]``) tensors straight from the accumulator, with no transpose or copy.
+
+``x`` is ``[M, K]`` and ``W`` is ``[N, K]`` (the ``nn.Linear`` layout), both with any strides; ``W`` is read
+through its strides as the ``[K, N]`` right operand, never transposed in memory. Accumulation is fp32;
+outputs are in the input dtype. fp32 inputs use TF32 tensor cores only when PyTorch would
+(``torch.get_float32_matmul_precision() != "highest"``), so fp32 results match ``torch.matmul``'s precision.
+
+Bytes moved (ideal, each operand once): ``(M·K + N·K + N) · s`` in, ``M·N · s`` out (``2·M·N · s`` with the
+pre-activation), ``s`` the element size; ``2·M·N·K`` FLOPs. The epilogue costs no extra pass over memory,
+which is the point: unfused, bias and GELU each read and write the ``M·N`` output once more.
+
+Program order is grouped (``GROUP_M`` row-tiles share a column sweep) so the W tiles stay in L2.
+
+Caution: no split-K and no persistent/TMA variant (small-M, huge-K shapes are not its strength); bf16 cannot
+run through Triton's interpreter (its ``tl.dot`` is wrong on bf16), so bf16 is checked only on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import interpreter_on
+
+# Activation codes shared with the callers (constexpr in the kernel).
+ACT_NONE = 0
+ACT_GELU_ERF = 1
+ACT_GELU_TANH = 2
+ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # `approximate=` value -> GELU code
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _autotune_configs() -> list[triton.Config]:
+    if interpreter_on():
+        # The interpreter runs every config in numpy: one small tile keeps CPU tests fast, and 32 still
+        # leaves tails in both dimensions for the odd test shapes.
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
+    # Hopper (sm_90): wgmma-sized tiles; 128x256 for the big BERT GEMMs, 64-wide for small M or N.
+    shapes = [
+        (128, 256, 64, 8, 3),
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 128, 32, 4, 4),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in shapes
+    ]
+
+
+@triton.jit
+def _gelu_erf(z):
+    # 0.5 z (1 + erf(z / sqrt 2)), as torch.nn.functional.gelu(approximate="none")
+    return 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_tanh(z):
+    # 0.5 z (1 + tanh(u)) with u = sqrt(2/pi) (z + 0.044715 z^3), as gelu(approximate="tanh"); written as
+    # z · sigmoid(2u) because 0.5 (1 + tanh(u)) = sigmoid(2u), which never overflows or cancels.
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    return z / (1.0 + tl.exp(-2.0 * u))
+
+
+@triton.autotune(configs=_autotune_configs(), key=["M", "N", "K"])
+@triton.jit
+def _gemm_bias_act_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr,
+    M, N, K,
+    stride_xm, stride_xk,
+    stride_wn, stride_wk,
+    split_n, stride_ys,  # output column c -> slab c // split_n (stride_ys apart), column c % split_n
+    stride_ym,
+    ACTIVATION: tl.constexpr,
+    STORE_PRE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs walk GROUP_M row-tiles down one column band, so the band of W
+    # they share is reused from L2 instead of re-read from HBM.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # int64 row offsets: M x K and M x N can pass 2**31 elements at BERT-large batch sizes.
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk  # (BM, BK)
+    w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN) = Wᵀ
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Epilogue, all in fp32: bias, optional pre-activation store, activation, one rounding on the store.
+    bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    z = acc + bias[None, :]
+
+    if SPLIT:
+        col = (offs_n // split_n).to(tl.int64) * stride_ys + offs_n % split_n
+    else:
+        col = offs_n.to(tl.int64)
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + col[None, :]
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + out_offs, z.to(pre_ptr.dtype.element_ty), mask=out_mask)
+    if ACTIVATION == 1:
+        z = _gelu_erf(z)
+    elif ACTIVATION == 2:
+        z = _gelu_tanh(z)
+    tl.store(y_ptr + out_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"  # ignored for fp16/bf16 operands
+
+
+def gemm_bias_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    activation: int = ACT_NONE,
+    pre: torch.Tensor | None = None,
+    split_n: int | None = None,
+) -> None:
+    """Launch ``out = act(x · weightᵀ + bias)`` into preallocated buffers (no checks: callers validate).
+
+    x ``[M, K]`` and weight ``[N, K]`` with any strides; bias ``[N]`` contiguous. Without ``split_n``, ``out``
+    (and ``pre``) is a ``[M, N]`` buffer with unit column stride. With ``split_n``, ``out`` (and ``pre``) is a
+    contiguous ``[N // split_n, M, split_n]`` buffer and column c lands in slab ``c // split_n``.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0:
+        return
+    if split_n is None:
+        split, split_n, stride_ys, stride_ym = False, N, 0, out.stride(0)
+        if pre is not None and pre.stride() != out.stride():
+            raise ValueError("pre must have the same strides as out")
+    else:
+        split, stride_ys, stride_ym = True, out.stride(0), out.stride(1)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_bias_act_kernel[grid](
+        x, weight, bias, out, out if pre is None else pre,
+        M, N, K,
+        x.stride(0), x.stride(1),
+        weight.stride(0), weight.stride(1),
+        split_n, stride_ys,
+        stride_ym,
+        ACTIVATION=activation,
+        STORE_PRE=pre is not None,
+        SPLIT=split,
+        DOT_PRECISION=_dot_precision(x.dtype),
+    )
+
+
+# GELU backward: dz = dy · gelu'(z), elementwise, used by the linear+GELU backward before its cuBLAS GEMMs.
+#   erf:  gelu'(z) = Φ(z) + z φ(z) = 0.5 (1 + erf(z/√2)) + z exp(-z²/2) / √(2π)
+#   tanh: with s = sigmoid(2u), u = √(2/π)(z + 0.044715 z³):  gelu'(z) = s + 2 z s (1 - s) u'(z),
+#         u'(z) = √(2/π)(1 + 3·0.044715 z²)
+# Bytes moved: 2 reads + 1 write of M·N elements.
+@triton.jit
+def _gelu_backward_kernel(dy_ptr, z_ptr, dz_ptr, n_elements, APPROX_TANH: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n_elements
+    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if APPROX_TANH:
+        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        du = 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+        s = 1.0 / (1.0 + tl.exp(-2.0 * u))
+        d = s + 2.0 * z * s * (1.0 - s) * du
+    else:
+        d = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
+    tl.store(dz_ptr + offs, (dy * d).to(dz_ptr.dtype.element_ty), mask=mask)
+
+
+def gelu_backward(dy: torch.Tensor, z: torch.Tensor, approximate: str) -> torch.Tensor:
+    """``dy · gelu'(z)`` in the input dtype (fp32 math); dy and z contiguous with one shape."""
+    dz = torch.empty_like(z)
+    n = z.numel()
+    if n:
+        block = 1024
+        _gelu_backward_kernel[(triton.cdiv(n, block),)](
+            dy, z, dz, n, APPROX_TANH=approximate == "tanh", BLOCK=block, num_warps=4
+        )
+    return dz
