@@ -4,9 +4,10 @@ One kernel serves every projection that wants work folded into the GEMM's store:
 - bias add (always; the bias tile is read once per output tile),
 - activation: none, exact erf GELU or tanh GELU (same formulas as ``torch.nn.functional.gelu``),
 - optional store of the pre-activation ``x · Wᵀ + b`` (what GELU's backward needs),
-- optional column split: column ``c`` of the N outputs goes to slab ``c // split_n`` of a
-  ``[N // split_n, M, split_n]`` buffer, so the QKV projection writes q, k and v as three contiguous
-  ``[M, H]`` (= ``[B, T, h, d]``) tensors straight from the accumulator, with no transpose or copy.
+- optional three-way column split: column ``c`` of the ``N = 3·split_n`` outputs goes to output
+  ``c // split_n`` (three separate ``[M, split_n]`` tensors), so the QKV projection writes q, k and v as
+  three contiguous ``[M, H]`` (= ``[B, T, h, d]``) tensors straight from the accumulator, with no
+  transpose or copy.
 
 ``x`` is ``[M, K]`` and ``W`` is ``[N, K]`` (the ``nn.Linear`` layout), both with any strides; ``W`` is read
 through its strides as the ``[K, N]`` right operand, never transposed in memory. Accumulation is fp32;
@@ -25,8 +26,6 @@ run through Triton's interpreter (its ``tl.dot`` is wrong on bf16), so bf16 is c
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -37,11 +36,7 @@ from kernels._common import interpreter_on
 ACT_NONE = 0
 ACT_GELU_ERF = 1
 ACT_GELU_TANH = 2
-ACTIVATIONS = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # `approximate=` value -> GELU code
-
-_SQRT_HALF = 1.0 / math.sqrt(2.0)
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # `approximate=` value -> activation code
 
 
 def _autotune_configs() -> list[triton.Config]:
@@ -82,12 +77,12 @@ def _gelu_tanh(z):
 @triton.autotune(configs=_autotune_configs(), key=["M", "N", "K"])
 @triton.jit
 def _gemm_bias_act_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, pre_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, y1_ptr, y2_ptr, pre_ptr,
     M, N, K,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
-    split_n, stride_ys,  # output column c -> slab c // split_n (stride_ys apart), column c % split_n
     stride_ym,
+    split_n,  # with SPLIT: column c -> output c // split_n (y, y1, y2), column c % split_n
     ACTIVATION: tl.constexpr,
     STORE_PRE: tl.constexpr,
     SPLIT: tl.constexpr,
@@ -128,19 +123,23 @@ def _gemm_bias_act_kernel(
     bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     z = acc + bias[None, :]
 
-    if SPLIT:
-        col = (offs_n // split_n).to(tl.int64) * stride_ys + offs_n % split_n
-    else:
-        col = offs_n.to(tl.int64)
-    out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + col[None, :]
     out_mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m.to(tl.int64)[:, None] * stride_ym
+    if SPLIT:
+        # The three outputs are separate allocations: pick the base pointer per column.
+        slab = (offs_n // split_n)[None, :]
+        offs = rows + (offs_n % split_n)[None, :]
+        y_ptrs = tl.where(slab == 0, y_ptr + offs, tl.where(slab == 1, y1_ptr + offs, y2_ptr + offs))
+    else:
+        offs = rows + offs_n[None, :]
+        y_ptrs = y_ptr + offs
     if STORE_PRE:
-        tl.store(pre_ptr + out_offs, z.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(pre_ptr + offs, z.to(pre_ptr.dtype.element_ty), mask=out_mask)
     if ACTIVATION == 1:
         z = _gelu_erf(z)
     elif ACTIVATION == 2:
         z = _gelu_tanh(z)
-    tl.store(y_ptr + out_offs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -153,36 +152,39 @@ def gemm_bias_act(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor,
-    out: torch.Tensor,
+    out: torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor],
     *,
     activation: int = ACT_NONE,
     pre: torch.Tensor | None = None,
-    split_n: int | None = None,
 ) -> None:
     """Launch ``out = act(x · weightᵀ + bias)`` into preallocated buffers (no checks: callers validate).
 
-    x ``[M, K]`` and weight ``[N, K]`` with any strides; bias ``[N]`` contiguous. Without ``split_n``, ``out``
-    (and ``pre``) is a ``[M, N]`` buffer with unit column stride. With ``split_n``, ``out`` (and ``pre``) is a
-    contiguous ``[N // split_n, M, split_n]`` buffer and column c lands in slab ``c // split_n``.
+    x ``[M, K]`` and weight ``[N, K]`` with any strides; bias ``[N]`` contiguous. ``out`` (and ``pre``) is one
+    ``[M, N]`` buffer with unit column stride, or a tuple of three contiguous ``[M, N // 3]`` buffers that
+    receive column thirds 0, 1, 2 (no activation, no ``pre`` then).
     """
     M, K = x.shape
     N = weight.shape[0]
-    if M == 0 or N == 0:
-        return
-    if split_n is None:
-        split, split_n, stride_ys, stride_ym = False, N, 0, out.stride(0)
+    if isinstance(out, tuple):
+        if pre is not None or activation != ACT_NONE:
+            raise ValueError("the three-way split supports neither an activation nor the pre-activation")
+        y0, y1, y2 = out
+        split, split_n = True, N // 3
+    else:
+        y0 = y1 = y2 = out
+        split, split_n = False, N
         if pre is not None and pre.stride() != out.stride():
             raise ValueError("pre must have the same strides as out")
-    else:
-        split, stride_ys, stride_ym = True, out.stride(0), out.stride(1)
+    if M == 0 or N == 0:
+        return
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     _gemm_bias_act_kernel[grid](
-        x, weight, bias, out, out if pre is None else pre,
+        x, weight, bias, y0, y1, y2, y0 if pre is None else pre,
         M, N, K,
         x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
-        split_n, stride_ys,
-        stride_ym,
+        y0.stride(0),
+        split_n,
         ACTIVATION=activation,
         STORE_PRE=pre is not None,
         SPLIT=split,
