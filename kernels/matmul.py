@@ -26,11 +26,13 @@ run through Triton's interpreter (its ``tl.dot`` is wrong on bf16), so bf16 is c
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels._common import interpreter_on
+from kernels._common import interpreter_on, use_triton
 
 # Activation codes shared with the callers (constexpr in the kernel).
 ACT_NONE = 0
@@ -74,6 +76,15 @@ def _gelu_tanh(z):
     return z / (1.0 + tl.exp(-2.0 * u))
 
 
+@triton.jit
+def _mma_step(acc, x_ptrs, w_ptrs, offs_k, k_left, mask_m, mask_n, DOT_PRECISION: tl.constexpr):
+    # One BLOCK_K slice of the K loop; the K tail (k_left < BLOCK_K) loads zeros.
+    mask_k = offs_k < k_left
+    a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # (BM, BK)
+    b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)  # (BK, BN)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
 @triton.autotune(configs=_autotune_configs(), key=["M", "N", "K"])
 @triton.jit
 def _gemm_bias_act_kernel(
@@ -87,6 +98,7 @@ def _gemm_bias_act_kernel(
     STORE_PRE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped ordering: consecutive programs walk GROUP_M row-tiles down one column band, so the band of W
@@ -111,13 +123,20 @@ def _gemm_bias_act_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN) = Wᵀ
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        mask_k = (k0 + offs_k) < K
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(w_ptrs, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += BLOCK_K * stride_wk
+    if INTERPRET:
+        # Triton 3.6's interpreter fails on `range` with a runtime bound under numpy >= 2.4 (it calls int()
+        # on a 1-element array); a while loop only needs bool(). Compiled kernels keep the pipelined for.
+        k0 = 0
+        while k0 < K:
+            acc = _mma_step(acc, x_ptrs, w_ptrs, offs_k, K - k0, mask_m, mask_n, DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+            k0 += BLOCK_K
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            acc = _mma_step(acc, x_ptrs, w_ptrs, offs_k, K - k0, mask_m, mask_n, DOT_PRECISION)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue, all in fp32: bias, optional pre-activation store, activation, one rounding on the store.
     bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -140,6 +159,21 @@ def _gemm_bias_act_kernel(
     elif ACTIVATION == 2:
         z = _gelu_tanh(z)
     tl.store(y_ptrs, z.to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
+def gemm_dispatch(*tensors: torch.Tensor) -> bool:
+    """`kernels._common.use_triton`, except bf16 on the CPU: Triton's interpreter computes bf16 ``tl.dot``
+    wrongly, so that case takes the PyTorch reference, with a warning."""
+    if not use_triton(*tensors):
+        return False
+    if tensors[0].dtype == torch.bfloat16 and tensors[0].device.type == "cpu":
+        warnings.warn(
+            "bf16 GEMM under Triton's interpreter is unsupported (wrong tl.dot results): using the PyTorch "
+            "reference instead",
+            stacklevel=3,
+        )
+        return False
+    return True
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -189,6 +223,7 @@ def gemm_bias_act(
         STORE_PRE=pre is not None,
         SPLIT=split,
         DOT_PRECISION=_dot_precision(x.dtype),
+        INTERPRET=interpreter_on(),
     )
 
 

@@ -1,0 +1,124 @@
+"""Fused QKV projection: one GEMM against the stacked ``[3H, H]`` weight, q/k/v written in attention layout.
+
+Fused: the three ``H → H`` projections of BERT self-attention run as one ``x · W_qkvᵀ + b_qkv`` GEMM
+(`kernels.matmul`) with the bias in the epilogue, and the epilogue stores output column ``c`` into q, k or v
+(``c // H``) at column ``c % H``. Each of q, k, v is its own contiguous ``[B, T, h, d]`` tensor (``[N, h, d]``
+for 2-D x), the layout the fused attention reads, so there is no split, transpose or ``.contiguous()`` copy
+after the GEMM. ``W_qkv`` is Hugging Face's query, key and value ``nn.Linear`` weights stacked in that order
+(``torch.cat([Wq, Wk, Wv])``), likewise the bias.
+
+Backward concatenates ``dq, dk, dv`` into ``dY [M, 3H]`` (one copy) and uses cuBLAS on it:
+``dx = dY · W_qkv``, ``dW_qkv = dYᵀ · x``, ``db_qkv = Σ_rows dY``: the same GEMMs, accumulation and rounding
+as ``nn.Linear``'s backward.
+
+Bytes moved, forward: ``(M·H + 3H·H + 3H) · s`` read and ``3·M·H · s`` written (``M = B·T``, ``s`` the element
+size); ``6·M·H²`` FLOPs. Unfused, HF's three Linears read x three times and the usual
+``view(B, T, h, d).transpose(1, 2)`` leads to a copy of each output before attention.
+
+Dtypes: fp32, fp16, bf16 (all inputs one dtype); fp32 accumulation; outputs in the input dtype.
+Caution: bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16 ``tl.dot``, so
+bf16 CPU tensors take the ``*_ref`` path, with a warning); the outputs are ``[B, T, h, d]``, not
+``[B, h, T, d]`` (``.transpose(1, 2)`` is a free view where that is wanted); no autocast handling; no fused
+backward (concatenating dq, dk, dv is a real copy).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor
+from kernels.matmul import gemm_bias_act, gemm_dispatch
+
+# ----------------------------------------------------------------------------------------------- ops
+# torch.library custom op: opaque to torch.compile (no graph break), with a fake implementation for tracing.
+
+
+@torch.library.custom_op("kernels::qkv_projection_fwd", mutates_args=())
+def _qkv_projection_fwd(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v, each a contiguous ``[M, h, d]``, from 2-D ``x [M, H]``."""
+    M, H = x.shape
+    q, k, v = (x.new_empty((M, num_heads, H // num_heads)) for _ in range(3))
+    gemm_bias_act(x, w_qkv, b_qkv.contiguous(), (q.view(M, H), k.view(M, H), v.view(M, H)))
+    return q, k, v
+
+
+@_qkv_projection_fwd.register_fake
+def _(x, w_qkv, b_qkv, num_heads):
+    M, H = x.shape
+    return tuple(x.new_empty((M, num_heads, H // num_heads)) for _ in range(3))
+
+
+# ------------------------------------------------------------------------------------------ autograd
+
+
+class _QKVProjection(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int):
+        ctx.save_for_backward(x, w_qkv)
+        return torch.ops.kernels.qkv_projection_fwd(x, w_qkv, b_qkv, num_heads)
+
+    @staticmethod
+    def backward(ctx, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor):
+        x, w_qkv = ctx.saved_tensors
+        M, H = x.shape
+        dy = torch.cat([dq.reshape(M, H), dk.reshape(M, H), dv.reshape(M, H)], dim=1)  # (M, 3H)
+        dx = dy @ w_qkv if ctx.needs_input_grad[0] else None  # (M, H)
+        dw = dy.t() @ x if ctx.needs_input_grad[1] else None  # (3H, H)
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None  # (3H,)
+        return dx, dw, db, None
+
+
+# -------------------------------------------------------------------------------------------- public
+
+
+def _check_args(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int) -> None:
+    check_tensor("x", x, ndim=(2, 3), dtypes=FLOAT_DTYPES)
+    check_tensor("w_qkv", w_qkv, ndim=2, dtypes=FLOAT_DTYPES, device=x.device)
+    check_tensor("b_qkv", b_qkv, ndim=1, dtypes=FLOAT_DTYPES, device=x.device)
+    check_same_dtype(x=x, w_qkv=w_qkv, b_qkv=b_qkv)
+    H = x.shape[-1]
+    if tuple(w_qkv.shape) != (3 * H, H):
+        raise ValueError(
+            f"w_qkv must be the stacked query/key/value weight [3H, H] = {(3 * H, H)} for hidden size "
+            f"H = {H}, got {tuple(w_qkv.shape)}"
+        )
+    if tuple(b_qkv.shape) != (3 * H,):
+        raise ValueError(f"b_qkv must have shape [3H] = {(3 * H,)}, got {tuple(b_qkv.shape)}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads <= 0:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    if H % num_heads != 0:
+        raise ValueError(f"hidden size {H} is not divisible by num_heads = {num_heads}")
+
+
+def qkv_projection(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q, k, v`` of BERT self-attention from one fused GEMM, each contiguous ``[B, T, h, d]``.
+
+    x ``[B, T, H]`` (or ``[N, H]``, giving ``[N, h, d]``), w_qkv ``[3H, H]`` (query, key, value weights
+    stacked), b_qkv ``[3H]``, all one dtype (fp32/fp16/bf16) and one device; ``d = H // num_heads``.
+    Differentiable in x, w_qkv and b_qkv.
+    """
+    _check_args(x, w_qkv, b_qkv, num_heads)
+    if not gemm_dispatch(x, w_qkv, b_qkv):
+        return qkv_projection_ref(x, w_qkv, b_qkv, num_heads)
+    lead, H = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(lead.numel(), H)  # (M, H)
+    if torch.is_grad_enabled() and (x.requires_grad or w_qkv.requires_grad or b_qkv.requires_grad):
+        q, k, v = _QKVProjection.apply(x2d, w_qkv, b_qkv, num_heads)
+    else:
+        q, k, v = torch.ops.kernels.qkv_projection_fwd(x2d, w_qkv, b_qkv, num_heads)
+    d = H // num_heads
+    return q.view(*lead, num_heads, d), k.view(*lead, num_heads, d), v.view(*lead, num_heads, d)  # (B, T, h, d)
+
+
+def qkv_projection_ref(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain PyTorch: ``F.linear`` then split into q, k, v and unflatten heads (views, not contiguous)."""
+    H = x.shape[-1]
+    q, k, v = F.linear(x, w_qkv, b_qkv).split(H, dim=-1)  # 3 × (..., H)
+    return tuple(t.unflatten(-1, (num_heads, H // num_heads)) for t in (q, k, v))  # (..., h, d)

@@ -1,0 +1,126 @@
+"""qkv_projection: q, k, v and every gradient against float64, within 2× PyTorch's same-dtype error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.qkv_projection import qkv_projection, qkv_projection_ref
+from tests.helpers import assert_within_torch_error
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(x_shape, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H = x_shape[-1]
+    x = torch.randn(x_shape, generator=g)
+    x.view(-1, H)[-1] = 0.0  # a fully padded (zeroed) token row: q, k, v must be the bias, finite
+    w = torch.randn(3 * H, H, generator=g) / H**0.5
+    b = torch.randn(3 * H, generator=g)
+    dys = [torch.randn(x_shape, generator=g) for _ in range(3)]
+    cast = lambda t: t.to(device=device, dtype=dtype)
+    return [cast(t) for t in (x, w, b)], [cast(t) for t in dys]
+
+
+def _run(fn, inputs, dys, num_heads, use=(0, 1, 2)):
+    """Outputs and (dx, dW, db) with upstream grads dys[i] on the outputs listed in `use`."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    outs = fn(*leaves, num_heads)
+    loss = sum((outs[i] * dys[i].unflatten(-1, outs[i].shape[-2:])).sum() for i in use)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad for t in leaves]
+
+
+def _check(x_shape, num_heads, dtype, device, use=(0, 1, 2)):
+    inputs, dys = _inputs(x_shape, dtype, device)
+    outs, grads = _run(qkv_projection, inputs, dys, num_heads, use)
+    outs_t, grads_t = _run(qkv_projection_ref, inputs, dys, num_heads, use)  # PyTorch in the same dtype
+    inputs64 = [t.double() for t in inputs]
+    outs64, grads64 = _run(qkv_projection_ref, inputs64, [t.double() for t in dys], num_heads, use)
+    H, d = x_shape[-1], x_shape[-1] // num_heads
+    atol = ATOL[dtype]
+    for name, o, o64, ot in zip("qkv", outs, outs64, outs_t, strict=True):
+        assert o.shape == (*x_shape[:-1], num_heads, d) and o.dtype == dtype
+        assert o.is_contiguous(), f"{name} must be contiguous"
+        assert_within_torch_error(o, o64, ot, atol=atol, name=name)
+    for name, g, g64, gt in zip(("dx", "dW", "db"), grads, grads64, grads_t, strict=True):
+        assert g.dtype == dtype
+        assert_within_torch_error(g, g64, gt, atol=atol, name=name)
+    assert grads[1].shape == (3 * H, H)
+
+
+# (x shape, heads): 3-D and 2-D x; H = 96, 160; heads 3 and 5; H = 45 puts q/k/v boundaries inside tiles.
+SHAPES = [((2, 37, 96), 3), ((37, 160), 5), ((1, 7, 45), 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("x_shape,num_heads", SHAPES)
+def test_forward_backward(x_shape, num_heads, dtype, device):
+    _check(x_shape, num_heads, dtype, device)
+
+
+def test_unused_outputs_get_zero_grads(device):
+    """Only k feeds the loss: dq and dv are zero, so dW's q and v rows and db's q and v parts are zero."""
+    _check((3, 5, 40), 4, torch.float32, device, use=(1,))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("x_shape,num_heads", SHAPES + [((8, 128, 768), 12), ((3, 77, 1024), 16)])
+def test_forward_backward_gpu(x_shape, num_heads, dtype):
+    _check(x_shape, num_heads, dtype, "cuda")
+
+
+def test_no_grad_and_strided_input(device):
+    (x, w, b), _ = _inputs((37, 48), torch.float32, device, seed=1)
+    x_t = x.t().contiguous().t()  # same values, column-major
+    with torch.no_grad():
+        outs = qkv_projection(x_t, w, b, 4)
+    refs64 = qkv_projection_ref(x.double(), w.double(), b.double(), 4)
+    for o, r64, rt in zip(outs, refs64, qkv_projection_ref(x, w, b, 4), strict=True):
+        assert_within_torch_error(o, r64, rt, atol=1e-5)
+
+
+def test_torch_compile_fullgraph(device):
+    (x, w, b), dys = _inputs((2, 9, 24), torch.float32, device, seed=2)
+    fn = lambda x, w, b, num_heads: qkv_projection(x, w, b, num_heads)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    outs_c, grads_c = _run(compiled, [x, w, b], dys, 3)
+    outs_e, grads_e = _run(fn, [x, w, b], dys, 3)
+    for a, e in zip(outs_c + grads_c, outs_e + grads_e, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
+def _bad_args():
+    x, w, b = torch.randn(2, 5, 8), torch.randn(24, 8), torch.randn(24)
+    return [
+        ((x.tolist(), w, b, 2), "x must be a torch.Tensor"),
+        ((x[0, 0], w, b, 2), "x must have 2 or 3 dimensions"),
+        ((x[None], w, b, 2), "x must have 2 or 3 dimensions"),
+        ((x, w[None], b, 2), "w_qkv must have 2 dimensions"),
+        ((x, w, b[None], 2), "b_qkv must have 1 dimensions"),
+        ((x, w[:16], b, 2), r"w_qkv must be the stacked"),
+        ((x, w, b[:16], 2), r"b_qkv must have shape"),
+        ((x.int(), w, b, 2), "x must have dtype"),
+        ((x, w.half(), b, 2), "share one dtype"),
+        ((x, w, b.to("meta"), 2), "b_qkv is on meta"),
+        ((x, w, b, 3), "not divisible by num_heads"),
+        ((x, w, b, 0), "num_heads must be a positive int"),
+        ((x, w, b, 2.0), "num_heads must be a positive int"),
+    ]
+
+
+@pytest.mark.parametrize("args,match", _bad_args())
+def test_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        qkv_projection(*args)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the bf16 fallback concerns the CPU interpreter")
+def test_bf16_cpu_falls_back_to_reference():
+    (x, w, b), _ = _inputs((5, 24), torch.bfloat16, "cpu", seed=3)
+    with pytest.warns(UserWarning, match="bf16 GEMM under Triton's interpreter"):
+        outs = qkv_projection(x, w, b, 2)
+    for o, r in zip(outs, qkv_projection_ref(x, w, b, 2), strict=True):
+        torch.testing.assert_close(o, r, rtol=0, atol=0)
