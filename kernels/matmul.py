@@ -98,7 +98,6 @@ def _gemm_bias_act_kernel(
     STORE_PRE: tl.constexpr,
     SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     # Grouped ordering: consecutive programs walk GROUP_M row-tiles down one column band, so the band of W
@@ -123,20 +122,10 @@ def _gemm_bias_act_kernel(
     w_ptrs = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + offs_k[:, None] * stride_wk  # (BK, BN) = Wᵀ
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if INTERPRET:
-        # Triton 3.6's interpreter fails on `range` with a runtime bound under numpy >= 2.4 (it calls int()
-        # on a 1-element array); a while loop only needs bool(). Compiled kernels keep the pipelined for.
-        k0 = 0
-        while k0 < K:
-            acc = _mma_step(acc, x_ptrs, w_ptrs, offs_k, K - k0, mask_m, mask_n, DOT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-            k0 += BLOCK_K
-    else:
-        for k0 in range(0, K, BLOCK_K):
-            acc = _mma_step(acc, x_ptrs, w_ptrs, offs_k, K - k0, mask_m, mask_n, DOT_PRECISION)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+    for k0 in range(0, K, BLOCK_K):
+        acc = _mma_step(acc, x_ptrs, w_ptrs, offs_k, K - k0, mask_m, mask_n, DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
 
     # Epilogue, all in fp32: bias, optional pre-activation store, activation, one rounding on the store.
     bias = tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -223,7 +212,6 @@ def gemm_bias_act(
         STORE_PRE=pre is not None,
         SPLIT=split,
         DOT_PRECISION=_dot_precision(x.dtype),
-        INTERPRET=interpreter_on(),
     )
 
 
