@@ -8,6 +8,7 @@ from .modeling import (
     BertForSequenceClassification,
     BertModel,
 )
+from .tokenizer import Tokenizer
 
 __all__ = [
     "PRESETS",
@@ -17,4 +18,5 @@ __all__ = [
     "BertForMaskedLM",
     "BertForSequenceClassification",
     "BertForQuestionAnswering",
+    "Tokenizer",
 ]

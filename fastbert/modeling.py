@@ -12,7 +12,8 @@ NVIDIA's PyTorch port) and uses Hugging Face's module names, so `state_dict` key
     NSP head   = linear(H → 2) on the pooled output
 
 Attention masks are `[B, T]` with 1 (True) for real tokens. A fully padded row attends uniformly over its
-(padding) keys, as in Hugging Face: finite, never NaN.
+(padding) keys, as Hugging Face's eager attention does: finite, never NaN. (Hugging Face's default SDPA path
+gives such a row a zero attention context instead; real rows agree either way.)
 """
 
 from __future__ import annotations
@@ -95,6 +96,12 @@ def check_inputs(
         raise ValueError(f"token_type_ids must be integer, got {token_type_ids.dtype}")
     # Value checks cost a device sync on CUDA, where an out-of-range id raises a device assert anyway.
     if input_ids.device.type == "cpu" and input_ids.numel():
+        if attention_mask is not None and attention_mask.dtype != torch.bool:
+            if ((attention_mask != 0) & (attention_mask != 1)).any():
+                raise ValueError(
+                    "attention_mask must hold 1 for real tokens and 0 for padding (not an additive "
+                    f"0 / -10000 mask), got values in [{attention_mask.min().item()}, {attention_mask.max().item()}]"
+                )
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= config.vocab_size:
             raise ValueError(f"input_ids must lie in [0, vocab_size={config.vocab_size}), got [{lo}, {hi}]")
@@ -104,6 +111,11 @@ def check_inputs(
                 raise ValueError(
                     f"token_type_ids must lie in [0, type_vocab_size={config.type_vocab_size}), got [{lo}, {hi}]"
                 )
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Losses are computed in at least float32: fp16/bf16 logits are upcast, float32/float64 kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def extended_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -134,7 +146,7 @@ def mlm_scores(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, mask
     if picked.shape[0] == 0:
         loss = picked.sum() * 0.0
     else:
-        loss = F.cross_entropy(picked.float(), target)
+        loss = F.cross_entropy(upcast(picked), target)
     correct = (picked.detach().argmax(-1) == target).sum()
     return logits, loss, correct, keep.sum()
 
@@ -410,7 +422,7 @@ class BertForPreTraining(BertPreTrainedModel):
         else:
             logits = self.cls.predictions(hidden)  # (B, T, V)
         if next_sentence_label is not None:
-            nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.reshape(-1))
+            nsp_loss = F.cross_entropy(upcast(nsp_logits), next_sentence_label.reshape(-1))
         parts = [x for x in (mlm_loss, nsp_loss) if x is not None]
         loss = sum(parts) if parts else None
         return PreTrainingOutput(loss, mlm_loss, nsp_loss, logits, nsp_logits, correct, count)
@@ -466,9 +478,10 @@ class BertForSequenceClassification(BertPreTrainedModel):
         loss = None
         if labels is not None:
             if self.num_labels == 1:
-                loss = F.mse_loss(logits.squeeze(-1).float(), labels.float())
+                scores = upcast(logits.squeeze(-1))  # (B,)
+                loss = F.mse_loss(scores, labels.reshape(-1).to(scores.dtype))
             else:
-                loss = F.cross_entropy(logits.float(), labels.reshape(-1).long())
+                loss = F.cross_entropy(upcast(logits), labels.reshape(-1).long())
         return SequenceClassifierOutput(loss, logits)
 
 
@@ -498,7 +511,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
             start = start_positions.reshape(-1).clamp(0, T)
             end = end_positions.reshape(-1).clamp(0, T)
             loss = (
-                F.cross_entropy(start_logits.float(), start, ignore_index=T)
-                + F.cross_entropy(end_logits.float(), end, ignore_index=T)
+                F.cross_entropy(upcast(start_logits), start, ignore_index=T)
+                + F.cross_entropy(upcast(end_logits), end, ignore_index=T)
             ) / 2
         return QuestionAnsweringOutput(loss, start_logits, end_logits)
