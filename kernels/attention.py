@@ -1,0 +1,730 @@
+"""Flash-style fused attention with key padding / variable length and dropout, forward and backward.
+
+Fused: S = Q·Kᵀ·scale, key padding (or per-sequence bounds in the varlen layout), online softmax in fp32,
+dropout on the probabilities (1/(1-p) rescale), ·V — without materialising any [T, T] tensor. Backward
+recomputes the probabilities from Q, K and the saved row logsumexp (fp32 [B, h, T] / [h, total]); no
+probabilities and no dropout mask are stored. Backward = a small pass for delta = rowsum(dO ∘ O), a
+dK/dV pass (one program per key block, looping over query blocks) and a dQ pass (one program per query
+block, looping over key blocks): no atomics, so autotuning (which re-runs kernels) is safe.
+
+Bytes moved (e = element size, N = B·T·h·d·e): forward reads Q once and K, V once per query block
+(mostly from L2), writes O (N) and the fp32 logsumexp (4·B·h·T); backward reads Q, K, V, O, dO and the
+logsumexp and writes dQ, dK, dV — never an O(T²) tensor. FLOPs: 4·B·h·Tq·Tk·d forward,
+10·B·h·Tq·Tk·d backward (the recomputation of S included).
+
+Layouts:
+- padded: q, k, v [B, T, h, d] (k, v may have their own length S), key_padding_mask bool [B, S]
+  (True = real token) or additive float [B, 1, 1, S] (< -1 = padding).
+- varlen: q, k, v [total_tokens, h, d] packed real tokens, cu_seqlens int32 [B+1] (cumulative lengths,
+  cu_seqlens[0] == 0, cu_seqlens[-1] == total), max_seqlen ≥ every length. Use `kernels.padding`'s
+  `unpad_input` / `pad_input` to get there and back.
+q, k, v need a contiguous last dim only: views into one packed [B, T, 3, h, d] QKV buffer are read in
+place (no copy). Outputs and gradients are contiguous.
+
+Dropout: Philox (`tl.rand`), regenerated in backward. Keep-mask scheme (see `kernels._attention_dropout`):
+key (seed, b·h + head), counter i·row_stride + j with row_stride = S (padded) or max_seqlen (varlen), so a
+padded call with T == max_seqlen and the varlen call of the same batch and seed drop the same entries.
+`attention_dropout_mask(seed, B, h, Tq, Tk, p)` / `attention_dropout_mask_varlen(...)` rebuild the mask.
+
+Dtypes: fp32 / fp16 / bf16 in and out (one dtype for q, k, v), fp32 accumulation; fp32 matmuls run in
+IEEE fp32 (no TF32). Head dims 16..128 (padded to a power of two inside the kernel, masked).
+Rows with no real key (all padding; or a zero-length sequence) give zeros, forward and backward.
+
+Dispatch (kernels._common.use_triton): CUDA → Triton; CPU → Triton interpreter when TRITON_INTERPRET=1,
+else the plain-PyTorch reference with the same Philox keep-mask (same result as the kernel for a seed,
+but it materialises [B, h, T, T]). bf16 on the interpreter also takes the reference path, with a warning
+(the interpreter's bf16 tl.dot is wrong).
+
+Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no
+MQA/GQA (q, k, v share the head count). The padded layout still computes the padded query rows and
+visits padded key blocks (masked): use the varlen layout to skip padding. Dropout needs
+Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only).
+The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per
+tensor (cached by identity and version) and are skipped while torch.compile traces.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import triton
+import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
+
+from kernels._attention_dropout import (
+    MAX_OFFSETS,
+    attention_dropout_mask,
+    attention_dropout_mask_varlen,
+    dropout_keep,
+)
+from kernels._common import (
+    FLOAT_DTYPES,
+    check_dropout_p,
+    check_same_dtype,
+    check_tensor,
+    draw_seed,
+    interpreter_on,
+    seed_value,
+    use_triton,
+)
+from kernels.padding import pad_input, unpad_input
+from kernels.softmax_dropout import key_padding_to_bool
+
+__all__ = [
+    "attention_dropout_mask",
+    "attention_dropout_mask_varlen",
+    "attention_ref",
+    "attention_varlen_ref",
+    "fused_attention",
+    "fused_attention_varlen",
+    "pad_input",
+    "unpad_input",
+]
+
+LOG2E = 1.4426950408889634
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launch settings
+# --------------------------------------------------------------------------------------------------------
+
+
+def _configs(fwd: bool) -> list[triton.Config]:
+    """Hopper-oriented configs; a single small one under the interpreter (autotuning there is slow)."""
+    if interpreter_on():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+    if fwd:
+        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                  (64, 128, 4, 2), (128, 32, 4, 3)]  # fmt: skip
+    else:
+        shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
+                  (32, 64, 4, 3)]  # fmt: skip
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+
+
+def _static_end(Tq: int, Tk: int) -> int:
+    """Loop bound for the interpreter (see `_loop_end`); 0 = loop to the runtime length (compiled)."""
+    return max(Tq, Tk) if interpreter_on() else 0
+
+
+def _seq_bucket(n: int) -> int:
+    """Autotune key for the sequence length: powers of two up to 2048, then one bucket."""
+    return min(triton.next_power_of_2(max(n, 1)), 4096)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _seq_bounds(CU, b, Tq, Tk, VARLEN: tl.constexpr):
+    """(first query token, first key token, query length, key length) of sequence b."""
+    if VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+        return start, start, length, length
+    else:
+        zero = (b * 0).to(tl.int32)
+        return zero, zero, Tq, Tk
+
+
+@triton.jit
+def _loop_end(n, STATIC_END: tl.constexpr):
+    """Upper bound of a loop over keys or queries: n, or STATIC_END under the interpreter.
+
+    Why: triton 3.6's interpreter cannot use a runtime scalar as a range() bound with numpy >= 2.4
+    (upstream triton issue 9171, fixed after 3.6). There the launcher passes the static length bound
+    instead; the extra iterations are fully masked no-ops. Compiled kernels get STATIC_END = 0."""
+    if STATIC_END > 0:
+        return STATIC_END
+    else:
+        return n
+
+
+@triton.jit
+def _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr):
+    ok = cols < len_k
+    if HAS_MASK:
+        ok &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=cols < len_k, other=0) != 0
+    return ok
+
+
+@triton.autotune(configs=_configs(fwd=True), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h,
+    H, Tq, Tk, D, row_stride, qk_scale, p_drop, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCK_M query rows of one (sequence, head); loops over key blocks with an online
+    # softmax (running max m_i and sum l_i, in base 2: qk_scale = softmax_scale · log2(e)).
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    q_start, k_start, len_q, len_k = _seq_bounds(CU, b, Tq, Tk, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < D
+    q_base = Q + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + q_start.to(tl.int64) * sq_t
+    k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
+    v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
+    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, _loop_end(len_k, STATIC_END), BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < len_k
+        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
+        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = _dot(q, kT, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: avoid inf - inf
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
+            p = tl.where(keep, p * inv_keep, 0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+
+    l_ok = l_i > 0.0
+    l_safe = tl.where(l_ok, l_i, 1.0)
+    out = acc * tl.where(l_ok, 1.0 / l_safe, 0.0)[:, None]  # no real key: zeros
+    lse = tl.where(l_ok, m_i + tl.log2(l_safe), 0.0)  # base 2; 0 for empty rows (their p is 0 anyway)
+    o_base = O + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + q_start.to(tl.int64) * so_t
+    tl.store(o_base + offs_m[:, None] * so_t + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+    l_base = LSE + b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
+    tl.store(l_base + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU,
+    so_b, so_t, so_h, sdo_b, sdo_t, sdo_h, sl_b, sl_h,
+    H, Tq, D,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    # delta = rowsum(dO ∘ O) (= rowsum(dP ∘ P) of the softmax backward, dropout included).
+    # Moves 2 · BLOCK_M · d · e bytes in, 4 · BLOCK_M out.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    q_start, _, len_q, _ = _seq_bounds(CU, b, Tq, Tq, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < len_q)[:, None] & (offs_d < D)[None, :]
+    o_base = O + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + q_start.to(tl.int64) * so_t
+    do_base = DO + b.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + q_start.to(tl.int64) * sdo_t
+    o = tl.load(o_base + offs_m[:, None] * so_t + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=ok, other=0.0).to(tl.float32)
+    l_base = DELTA + b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
+    tl.store(l_base + offs_m, tl.sum(o * do, 1), mask=offs_m < len_q)
+
+
+# Backward, with P = softmax(S), Z the keep-mask, Pd = Z ∘ P / (1-p), O = Pd·V:
+#   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / (1-p)      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
+#   dQ = scale · dS·K      dK = scale · dSᵀ·Q
+# P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp.
+@triton.autotune(configs=_configs(fwd=False), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sl_b, sl_h,
+    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCK_N keys of one (sequence, head); loops over all query blocks. Works transposed
+    # ([BLOCK_N, BLOCK_M] tiles) so dK and dV accumulate without transposing the products.
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    q_start, k_start, len_q, len_k = _seq_bounds(CU, b, Tq, Tk, VARLEN)
+    if pid_n * BLOCK_N >= len_k:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < len_k
+    d_ok = offs_d < D
+    key_ok = _key_ok(KEEP_KEY, b, offs_n, len_k, Tk, HAS_MASK)
+    kd_ok = n_ok[:, None] & d_ok[None, :]
+    k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
+    v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
+    k = tl.load(k_base + offs_n[:, None] * sk_t + offs_d[None, :], mask=kd_ok, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
+    q_base = Q + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + q_start.to(tl.int64) * sq_t
+    do_base = DO + b.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + q_start.to(tl.int64) * sdo_t
+    l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, _loop_end(len_q, STATIC_END), BLOCK_M):
+        rows = start_m + offs_m
+        m_ok = rows < len_q
+        qd_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
+        lse = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
+        sT = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
+        sT = tl.where(key_ok[:, None] & m_ok[None, :], sT, float("-inf"))
+        pT = tl.exp2(sT - lse[None, :])
+        dpT = _dot(v, tl.trans(do), IEEE)
+        if HAS_DROPOUT:
+            keepT = dropout_keep(seed, bh, rows[None, :] * row_stride + offs_n[:, None], p_drop)
+            pdT = tl.where(keepT, pT * inv_keep, 0.0)
+            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
+        else:
+            pdT = pT
+        dv += _dot(pdT.to(do.dtype), do, IEEE)
+        dsT = pT * (dpT - delta[None, :])
+        dk += _dot(dsT.to(q.dtype), q, IEEE)
+
+    dk_base = DK + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
+    dv_base = DV + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
+    out_offs = offs_n[:, None] * sdk_t + offs_d[None, :]
+    tl.store(dk_base + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_ok)
+    tl.store(dv_base + out_offs, dv.to(DV.dtype.element_ty), mask=kd_ok)
+
+
+@triton.autotune(configs=_configs(fwd=False), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.jit(do_not_specialize=["seed"])
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One program: BLOCK_M queries of one (sequence, head); loops over all key blocks.
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    head = bh % H
+    q_start, k_start, len_q, len_k = _seq_bounds(CU, b, Tq, Tk, VARLEN)
+    if pid_m * BLOCK_M >= len_q:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < len_q
+    d_ok = offs_d < D
+    qd_ok = m_ok[:, None] & d_ok[None, :]
+    q_base = Q + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + q_start.to(tl.int64) * sq_t
+    do_base = DO + b.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + q_start.to(tl.int64) * sdo_t
+    q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
+    lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + l_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
+    v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, _loop_end(len_k, STATIC_END), BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < len_k
+        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
+        kd_ok = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :], mask=kd_ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+
+    dq_base = DQ + b.to(tl.int64) * sdq_b + head.to(tl.int64) * sdq_h + q_start.to(tl.int64) * sdq_t
+    tl.store(dq_base + offs_m[:, None] * sdq_t + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+             mask=qd_ok)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------------
+# Launchers (custom ops: opaque to torch.compile; fake implementations give shapes and dtypes)
+# --------------------------------------------------------------------------------------------------------
+
+
+def _strides3(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, token, head) strides of a [B, T, h, d] tensor, or (0, token, head) of a [total, h, d] one."""
+    if varlen:
+        return 0, t.stride(0), t.stride(1)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _geometry(q, k, cu_seqlens, max_seqlen):
+    """(B, H, Tq, Tk, dropout row_stride, lse shape, lse (batch, head) strides) of a padded or varlen call."""
+    if cu_seqlens is None:
+        B, Tq, H, _ = q.shape
+        Tk = k.shape[1]
+        return B, H, Tq, Tk, Tk, (B, H, Tq), (H * Tq, Tq)
+    total, H, _ = q.shape
+    B = cu_seqlens.shape[0] - 1
+    return B, H, max_seqlen, max_seqlen, max_seqlen, (H, total), (0, total)
+
+
+@torch.library.custom_op("kernels::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep_key: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens is not None
+    B, H, Tq, Tk, row_stride, lse_shape, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    D = q.shape[-1]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or Tk == 0:
+        return out.zero_(), lse.zero_()
+    grid = lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse,
+        keep_key.view(torch.uint8) if keep_key is not None else q,
+        cu_seqlens if varlen else q,
+        seed_value(seed),
+        *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
+        sl_b, sl_h,
+        H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        _seq_bucket(max(Tq, Tk)),
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        IEEE=q.dtype == torch.float32, STATIC_END=_static_end(Tq, Tk),
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+    )  # fmt: skip
+    return out, lse
+
+
+@_flash_attn_fwd.register_fake
+def _(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    lse_shape = _geometry(q, k, cu_seqlens, max_seqlen)[5]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+
+
+@torch.library.custom_op("kernels::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    keep_key: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens is not None
+    B, H, Tq, Tk, row_stride, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    D = q.shape[-1]
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if dq.numel() == 0 or dk.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    block_d = max(16, triton.next_power_of_2(D))
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
+        out, do, delta, cu_seqlens if varlen else q,
+        *_strides3(out, varlen), *_strides3(do, varlen), sl_b, sl_h,
+        H, Tq, D,
+        VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
+    )  # fmt: skip
+    common = dict(
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        IEEE=q.dtype == torch.float32, STATIC_END=_static_end(Tq, Tk), BLOCK_D=block_d,
+    )  # fmt: skip
+    scalars = (H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, softmax_scale, dropout_p,
+               1.0 / (1.0 - dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
+    mask_arg = keep_key.view(torch.uint8) if keep_key is not None else q
+    cu_arg = cu_seqlens if varlen else q
+    in_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
+    _attn_bwd_dkdv_kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)](
+        q, k, v, do, lse, delta, dk, dv, mask_arg, cu_arg, seed_value(seed),
+        *in_strides, *_strides3(dk, varlen), sl_b, sl_h, *scalars, **common,
+    )  # fmt: skip
+    _attn_bwd_dq_kernel[lambda META: (triton.cdiv(Tq, META["BLOCK_M"]), B * H)](
+        q, k, v, do, lse, delta, dq, mask_arg, cu_arg, seed_value(seed),
+        *in_strides, *_strides3(dq, varlen), sl_b, sl_h, *scalars, **common,
+    )  # fmt: skip
+    return dq, dk, dv
+
+
+@_flash_attn_bwd.register_fake
+def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        torch.empty(v.shape, dtype=v.dtype, device=v.device),
+    )
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+        out, lse = _flash_attn_fwd(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+        ctx.save_for_backward(q, k, v, out, lse, keep_key, cu_seqlens, seed)
+        ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, out, lse, keep_key, cu_seqlens, seed = ctx.saved_tensors
+        dq, dk, dv = _flash_attn_bwd(
+            do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------------------
+
+
+def _check_qkv(q: object, k: object, v: object, ndim: int) -> None:
+    layout = "[B, T, h, d]" if ndim == 4 else "[total_tokens, h, d]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, ndim=ndim, dtypes=FLOAT_DTYPES, device=q.device if name != "q" else None)
+        if t.numel() and t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got {t.stride()}")
+    check_same_dtype(q=q, k=k, v=v)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {layout}, got {list(k.shape)} and {list(v.shape)}")
+    same = (q.shape[0], q.shape[-2], q.shape[-1]) == (k.shape[0], k.shape[-2], k.shape[-1])
+    if ndim == 3:
+        same = q.shape == k.shape
+    if not same:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} do not match (layout {layout})")
+    d = q.shape[-1]
+    if not (MIN_HEAD_DIM <= d <= MAX_HEAD_DIM):
+        raise ValueError(f"head dim {d} out of range [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}]")
+
+
+def _check_scale(softmax_scale: object, d: int) -> float:
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise ValueError(f"softmax_scale must be a float or None, got {softmax_scale!r}")
+    if not math.isfinite(softmax_scale):
+        raise ValueError(f"softmax_scale must be finite, got {softmax_scale!r}")
+    return float(softmax_scale)
+
+
+def _check_offsets(Tq: int, row_stride: int, dropout_p: float) -> None:
+    if dropout_p > 0.0 and Tq * row_stride > MAX_OFFSETS:
+        raise ValueError(f"sequence too long for dropout: Tq·Tk = {Tq * row_stride} overflows the int32 Philox offsets")
+
+
+# cu_seqlens tensors whose values were already checked, with the (version, total, max_seqlen) checked:
+# an encoder passes the same cu_seqlens to every layer, so only the first layer pays the host copy.
+_checked_cu = WeakIdKeyDictionary()
+
+
+def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device: torch.device) -> None:
+    check_tensor("cu_seqlens", cu_seqlens, ndim=1, device=device)
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens must be int32 (like FlashAttention), got {cu_seqlens.dtype}")
+    if cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have B+1 >= 2 entries, got shape {list(cu_seqlens.shape)}")
+    if not cu_seqlens.is_contiguous():
+        raise ValueError("cu_seqlens must be contiguous")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+    if torch.compiler.is_compiling():
+        return  # values are data: checking them would break the graph
+    key = (cu_seqlens._version, total, max_seqlen)
+    if _checked_cu.get(cu_seqlens) == key:
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens[0] must be 0, got {cu[0]}")
+    lengths = [b - a for a, b in zip(cu[:-1], cu[1:], strict=True)]
+    if min(lengths) < 0:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    if cu[-1] != total:
+        raise ValueError(f"cu_seqlens[-1] = {cu[-1]} must equal the number of packed tokens {total}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"a sequence has length {max(lengths)} > max_seqlen = {max_seqlen}")
+    _checked_cu[cu_seqlens] = key
+
+
+def _run_kernel(q: torch.Tensor, *others: torch.Tensor) -> bool:
+    """use_triton, except bf16 on the CPU interpreter, whose bf16 tl.dot is wrong: reference path there."""
+    if not use_triton(q, *others):
+        return False
+    if q.dtype == torch.bfloat16 and not q.is_cuda:
+        warnings.warn(
+            "fused attention: the Triton interpreter cannot do bf16 tl.dot; using the PyTorch reference path",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------------
+
+
+def fused_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """softmax(Q·Kᵀ·scale, padded keys removed) with dropout, ·V. q [B, Tq, h, d], k/v [B, Tk, h, d].
+
+    key_padding_mask: bool [B, Tk] (True = real token), additive float [B, 1, 1, Tk], or None.
+    softmax_scale defaults to 1/√d. seed: int in [0, 2**31) or None (drawn from torch's generator).
+    Returns a contiguous [B, Tq, h, d] tensor in q's dtype; differentiable in q, k, v.
+    """
+    _check_qkv(q, k, v, ndim=4)
+    B, Tq, H, d = q.shape
+    Tk = k.shape[1]
+    keep_key = key_padding_to_bool(key_padding_mask, B, Tk, q.device)
+    dropout_p = check_dropout_p(dropout_p)
+    scale = _check_scale(softmax_scale, d)
+    _check_offsets(Tq, Tk, dropout_p)
+    seed_t = draw_seed(seed)
+    if _run_kernel(q, k, v):
+        return FlashAttnFunction.apply(q, k, v, keep_key, None, 0, dropout_p, scale, seed_t)
+    dropout_mask = attention_dropout_mask(seed_t, B, H, Tq, Tk, dropout_p, q.device) if dropout_p else None
+    return attention_ref(q, k, v, keep_key, dropout_p, scale, dropout_mask=dropout_mask, upcast=True)
+
+
+def fused_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`fused_attention` on packed real tokens: q, k, v [total_tokens, h, d], sequence b is tokens
+    cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length (T of the padded batch to
+    reproduce its dropout). No work is done on padding. Returns a contiguous [total_tokens, h, d] tensor.
+    """
+    _check_qkv(q, k, v, ndim=3)
+    total, H, d = q.shape
+    _check_cu_seqlens(cu_seqlens, max_seqlen, total, q.device)
+    dropout_p = check_dropout_p(dropout_p)
+    scale = _check_scale(softmax_scale, d)
+    _check_offsets(max_seqlen, max_seqlen, dropout_p)
+    seed_t = draw_seed(seed)
+    if _run_kernel(q, k, v, cu_seqlens):
+        return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t)
+    dropout_mask = attention_dropout_mask_varlen(seed_t, cu_seqlens, H, max_seqlen, dropout_p) if dropout_p else None
+    return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask, upcast=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# References (plain PyTorch, materialise [B, h, Tq, Tk])
+# --------------------------------------------------------------------------------------------------------
+
+
+def attention_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference attention, q [B, Tq, h, d], k/v [B, Tk, h, d] → [B, Tq, h, d] in q's dtype.
+
+    upcast=True computes in fp32 (fp64 inputs stay fp64); upcast=False in the input dtype (the
+    "same-dtype PyTorch" baseline of the tests). dropout_mask: bool keep-mask [B, h, Tq, Tk]; when None and
+    dropout_p > 0 a fresh one is drawn from torch's generator (not the kernel's Philox stream)."""
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    B, Tq, H, d = q.shape
+    Tk = k.shape[1]
+    scale = 1.0 / math.sqrt(d) if softmax_scale is None else softmax_scale
+    keep_key = key_padding_to_bool(key_padding_mask, B, Tk, q.device)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale  # (B, h, Tq, Tk)
+    if keep_key is not None:
+        s = s.masked_fill(~keep_key[:, None, None, :], float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if keep_key is not None:
+        p = p.masked_fill(~keep_key.any(dim=-1)[:, None, None, None], 0.0)  # no real key: zeros, not NaN
+    if dropout_p > 0.0:
+        if dropout_mask is None:
+            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
+        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+    out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, h, d)
+    return out.to(dtype)
+
+
+def attention_varlen_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    upcast: bool = True,
+) -> torch.Tensor:
+    """Reference for the varlen layout: pad to [B, max_seqlen, h, d], `attention_ref`, unpad.
+
+    dropout_mask is in the padded form [B, h, max_seqlen, max_seqlen] (see attention_dropout_mask_varlen)."""
+    B = cu_seqlens.shape[0] - 1
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()  # (B,)
+    mask = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # (B, max_seqlen)
+    indices = torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1)
+    pad = lambda t: pad_input(t, indices, B, max_seqlen)  # (B, max_seqlen, h, d)
+    out = attention_ref(pad(q), pad(k), pad(v), mask, dropout_p, softmax_scale, dropout_mask, upcast)
+    return out.reshape(B * max_seqlen, *out.shape[2:]).index_select(0, indices)  # (total, h, d)
