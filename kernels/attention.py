@@ -105,11 +105,6 @@ def _configs(fwd: bool) -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
 
 
-def _static_end(Tq: int, Tk: int) -> int:
-    """Loop bound for the interpreter (see `_loop_end`); 0 = loop to the runtime length (compiled)."""
-    return max(Tq, Tk) if interpreter_on() else 0
-
-
 def _seq_bucket(n: int) -> int:
     """Autotune key for the sequence length: powers of two up to 2048, then one bucket."""
     return min(triton.next_power_of_2(max(n, 1)), 4096)
@@ -141,19 +136,6 @@ def _seq_bounds(CU, b, Tq, Tk, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _loop_end(n, STATIC_END: tl.constexpr):
-    """Upper bound of a loop over keys or queries: n, or STATIC_END under the interpreter.
-
-    Why: triton 3.6's interpreter cannot use a runtime scalar as a range() bound with numpy >= 2.4
-    (upstream triton issue 9171, fixed after 3.6). There the launcher passes the static length bound
-    instead; the extra iterations are fully masked no-ops. Compiled kernels get STATIC_END = 0."""
-    if STATIC_END > 0:
-        return STATIC_END
-    else:
-        return n
-
-
-@triton.jit
 def _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr):
     ok = cols < len_k
     if HAS_MASK:
@@ -168,7 +150,7 @@ def _attn_fwd_kernel(
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h,
     H, Tq, Tk, D, row_stride, qk_scale, p_drop, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M query rows of one (sequence, head); loops over key blocks with an online
     # softmax (running max m_i and sum l_i, in base 2: qk_scale = softmax_scale · log2(e)).
@@ -192,7 +174,7 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _loop_end(len_k, STATIC_END), BLOCK_N):
+    for start_n in range(0, len_k, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
         key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
@@ -261,7 +243,7 @@ def _attn_bwd_dkdv_kernel(
     sdk_b, sdk_t, sdk_h, sl_b, sl_h,
     H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (sequence, head); loops over all query blocks. Works transposed
     # ([BLOCK_N, BLOCK_M] tiles) so dK and dV accumulate without transposing the products.
@@ -289,7 +271,7 @@ def _attn_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, _loop_end(len_q, STATIC_END), BLOCK_M):
+    for start_m in range(0, len_q, BLOCK_M):
         rows = start_m + offs_m
         m_ok = rows < len_q
         qd_ok = m_ok[:, None] & d_ok[None, :]
@@ -326,7 +308,7 @@ def _attn_bwd_dq_kernel(
     sdq_b, sdq_t, sdq_h, sl_b, sl_h,
     H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    STATIC_END: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_M queries of one (sequence, head); loops over all key blocks.
     pid_m = tl.program_id(0)
@@ -353,7 +335,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, _loop_end(len_k, STATIC_END), BLOCK_N):
+    for start_n in range(0, len_k, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
         key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
@@ -428,7 +410,7 @@ def _flash_attn_fwd(
         H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
         _seq_bucket(max(Tq, Tk)),
         VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IEEE=q.dtype == torch.float32, STATIC_END=_static_end(Tq, Tk),
+        IEEE=q.dtype == torch.float32,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
     )  # fmt: skip
     return out, lse
@@ -476,7 +458,7 @@ def _flash_attn_bwd(
     )  # fmt: skip
     common = dict(
         VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
-        IEEE=q.dtype == torch.float32, STATIC_END=_static_end(Tq, Tk), BLOCK_D=block_d,
+        IEEE=q.dtype == torch.float32, BLOCK_D=block_d,
     )  # fmt: skip
     scalars = (H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, softmax_scale, dropout_p,
                1.0 / (1.0 - dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
