@@ -1,0 +1,319 @@
+"""Pretraining data: sentence splitting, instance creation, the stored format, dynamic masking, batch order,
+and clear errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from train import prepare as prep
+from train.dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+def write_vocab(path, n_docs: int) -> None:
+    tokens = list(prep.SPECIAL_TOKENS) + WORDS + [f"d{i}" for i in range(n_docs)] + [".", ","]
+    path.write_text("\n".join(tokens) + "\n")
+
+
+def write_corpus(path, n_docs: int, seed: int = 0, sentences=(6, 14), words=(3, 9)) -> None:
+    """Documents of short sentences; every sentence of document k carries the marker word `dk`."""
+    rng = random.Random(seed)
+    docs = []
+    for k in range(n_docs):
+        lines = []
+        for _ in range(rng.randint(*sentences)):
+            body = [rng.choice(WORDS) for _ in range(rng.randint(*words))]
+            body.insert(rng.randrange(len(body) + 1), f"d{k}")
+            lines.append(" ".join(body) + " .")
+        docs.append("\n".join(lines))
+    path.write_text("\n\n".join(docs) + "\n")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prep")
+    write_vocab(root / "vocab.txt", 120)
+    write_corpus(root / "corpus.txt", 120)
+    cfg = prep.PrepareConfig(out_dir=str(root / "data"), inputs=(str(root / "corpus.txt"),),
+                             vocab=str(root / "vocab.txt"), max_seq_len=48, dupe_factor=3, heldout_fraction=0.1)
+    meta = prep.prepare(cfg, log=lambda m: None)
+    return root, meta
+
+
+# ---------------------------------------------------------------------------------------------- sentences
+def test_split_sentences_rules():
+    text = ('2001: A Space Odyssey is a film by Stanley Kubrick, who wrote it with Arthur C. Clarke.  Its plot '
+            'was inspired by "The Sentinel" (1951). The U.S. Navy, e.g. Mr. Smith, went home! Did he? "Yes." '
+            'Then 3 more came.')
+    assert prep.split_sentences(text) == [
+        "2001: A Space Odyssey is a film by Stanley Kubrick, who wrote it with Arthur C. Clarke.",
+        'Its plot was inspired by "The Sentinel" (1951).',
+        "The U.S. Navy, e.g. Mr. Smith, went home!",
+        "Did he?",
+        '"Yes."',
+        "Then 3 more came.",
+    ]
+    assert prep.split_sentences("   ") == []
+    assert prep.split_sentences("no final stop") == ["no final stop"]
+
+
+def test_embedded_wikipedia_reads():
+    from fastbert.resources import ResourceNotFound, wiki_corpus_path
+
+    try:
+        path = wiki_corpus_path()
+    except ResourceNotFound as e:
+        pytest.skip(str(e))
+    docs = prep.read_json_documents(path)
+    assert len(docs) > 10000
+    n_sent = sum(map(len, docs))
+    assert 2.5 * len(docs) < n_sent < 6 * len(docs)  # lead paragraphs: a few sentences each
+    assert all(s and s == s.strip() for d in docs[:200] for s in d)
+
+
+# ---------------------------------------------------------------------------------------------- instances
+def test_instances_invariants(corpus):
+    root, meta = corpus
+    data = root / "data"
+    assert meta["max_seq_len"] == 48 and meta["special_ids"]["[CLS]"] == 2
+    assert (data / "vocab.txt").read_text() == (root / "vocab.txt").read_text()
+    for split in prep.SPLITS:
+        offsets = np.load(data / f"{split}.offsets.npy")
+        len_a = np.load(data / f"{split}.len_a.npy")
+        lengths = np.diff(offsets)
+        assert len(len_a) == meta["splits"][split]["instances"] > 0
+        assert np.all(len_a >= 1) and np.all(lengths - len_a >= 1)  # both segments non-empty
+        assert lengths.max() <= 48 - 3  # room for [CLS] and two [SEP]
+        assert np.load(data / f"{split}.tokens.npy").dtype == np.uint16
+    # Most instances fill the length; short_seq_prob=0.1 (plus document ends) makes some shorter.
+    lengths = np.diff(np.load(data / "train.offsets.npy"))
+    assert 0.5 < np.mean(lengths >= 40) < 0.97
+
+
+def test_nsp_is_half_random_and_pairs_come_from_the_right_documents(corpus):
+    root, meta = corpus
+    ds = PretrainingDataset(root / "data", "train")
+    n = len(ds)
+    rand = ds.is_random_next.astype(bool)
+    # Binomial(n, 1/2) within 4 standard deviations.
+    assert abs(rand.mean() - 0.5) < 4 * 0.5 / np.sqrt(n), rand.mean()
+    marker_base = 5 + len(WORDS)  # ids of d0, d1, ... in the test vocabulary
+    same_doc_for_continuation = 0
+    for i in range(n):
+        ids, types, _, is_random = ds.instance(i)
+        la = int(ds.len_a[i])
+        docs_a = {int(t) - marker_base for t in ids[1:la + 1] if t >= marker_base and t < marker_base + 120}
+        docs_b = {int(t) - marker_base for t in ids[la + 2:-1] if t >= marker_base and t < marker_base + 120}
+        assert len(docs_a) <= 1  # A is consecutive text of one document
+        if not is_random and docs_a and docs_b:
+            assert docs_a == docs_b  # the true continuation comes from the same document
+            same_doc_for_continuation += 1
+        if is_random and docs_a and docs_b:
+            assert docs_a != docs_b  # a random B comes from another document
+    assert same_doc_for_continuation > n // 4
+
+
+def test_heldout_documents_are_disjoint_from_training(corpus):
+    root, meta = corpus
+    marker_base = 5 + len(WORDS)
+
+    def doc_markers(split):
+        toks = np.load(root / "data" / f"{split}.tokens.npy").astype(int)
+        return set(toks[(toks >= marker_base) & (toks < marker_base + 120)].tolist())
+
+    held, train = doc_markers("heldout"), doc_markers("train")
+    assert meta["splits"]["heldout"]["documents"] == 12 and len(held) == 12
+    assert not held & train
+
+
+def test_deterministic_given_seed(corpus, tmp_path):
+    root, _ = corpus
+    cfg = prep.PrepareConfig(out_dir=str(tmp_path / "again"), inputs=(str(root / "corpus.txt"),),
+                             vocab=str(root / "vocab.txt"), max_seq_len=48, dupe_factor=3, heldout_fraction=0.1)
+    prep.prepare(cfg, log=lambda m: None)
+    for name in ("train.tokens.npy", "train.len_a.npy", "heldout.is_random_next.npy"):
+        np.testing.assert_array_equal(np.load(root / "data" / name), np.load(tmp_path / "again" / name))
+
+
+def test_train_new_vocabulary(corpus, tmp_path):
+    root, _ = corpus
+    cfg = prep.PrepareConfig(out_dir=str(tmp_path / "v"), inputs=(str(root / "corpus.txt"),), vocab_size=150,
+                             max_seq_len=32, dupe_factor=1, heldout_fraction=0.0)
+    meta = prep.prepare(cfg, log=lambda m: None)
+    vocab = (tmp_path / "v" / "vocab.txt").read_text().split()
+    assert meta["vocab_size"] == len(vocab) <= 150
+    assert all(t in vocab for t in prep.SPECIAL_TOKENS) and "w7" in vocab
+    assert meta["splits"]["heldout"]["instances"] == 0 and meta["splits"]["train"]["instances"] > 0
+
+
+def test_json_input(tmp_path, corpus):
+    root, _ = corpus
+    entries = {f"T{k}": {"title": f"T{k}", "extract": " ".join(f"w{k} w{j} d{k}." for j in range(6))}
+               for k in range(10)}
+    (tmp_path / "wiki.json").write_text(json.dumps(entries))
+    meta = prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "j"), inputs=(str(tmp_path / "wiki.json"),),
+                                           vocab=str(root / "vocab.txt"), max_seq_len=16, dupe_factor=1,
+                                           heldout_fraction=0.0), log=lambda m: None)
+    assert meta["splits"]["train"]["documents"] == 10
+
+
+# ---------------------------------------------------------------------------------------------- masking
+def test_items_layout_and_masking_invariants(corpus):
+    root, _ = corpus
+    ds = PretrainingDataset(root / "data", "train", seed=3, max_predictions=5)
+    sp = ds.meta["special_ids"]
+    specials = set(sp.values())
+    n_label = n_mask = n_keep = n_rand = 0
+    for i in range(len(ds)):
+        ids, types, _, is_random = ds.instance(i)
+        n, la = len(ids), int(ds.len_a[i])
+        it = ds[i]
+        x, lab = it["input_ids"].numpy(), it["labels"].numpy()
+        assert len(x) == 48 and it["next_sentence_label"].item() == is_random
+        # [CLS] A [SEP] B [SEP] then padding; segment 0 through the first [SEP], 1 to the last, 0 on padding
+        assert x[0] == sp["[CLS]"] and x[la + 1] == sp["[SEP]"] and x[n - 1] == sp["[SEP]"]
+        assert np.all(x[n:] == sp["[PAD]"]) and np.all(it["attention_mask"].numpy() == (np.arange(48) < n))
+        t = it["token_type_ids"].numpy()
+        assert np.all(t[:la + 2] == 0) and np.all(t[la + 2:n] == 1) and np.all(t[n:] == 0)
+        labelled = np.flatnonzero(lab != IGNORE_INDEX)
+        # never [CLS], [SEP] or padding; round(15 %) of the maskable tokens, at least 1, at most 5
+        assert not set(labelled.tolist()) & {0, la + 1, n - 1} and labelled.max() < n
+        assert len(labelled) == min(5, max(1, round(0.15 * (n - 3))))
+        np.testing.assert_array_equal(lab[labelled], ids[labelled])  # labels are the original tokens
+        unlabelled = np.setdiff1d(np.arange(48), labelled)
+        np.testing.assert_array_equal(x[unlabelled[unlabelled < n]], ids[unlabelled[unlabelled < n]])
+        for p in labelled:
+            n_label += 1
+            if x[p] == sp["[MASK]"]:
+                n_mask += 1
+            elif x[p] == ids[p]:
+                n_keep += 1
+            else:
+                n_rand += 1
+                assert x[p] not in specials
+    # 80 / 10 / 10 within 4 standard deviations (a random replacement can hit the original token: ~1/v).
+    for frac, p in ((n_mask, 0.8), (n_keep, 0.1), (n_rand, 0.1)):
+        sd = np.sqrt(p * (1 - p) / n_label)
+        assert abs(frac / n_label - p) < 4 * sd + 0.01, (frac / n_label, p)
+
+
+def test_masking_is_dynamic_and_reproducible(corpus):
+    root, _ = corpus
+    ds = PretrainingDataset(root / "data", "train", seed=1)
+    again = PretrainingDataset(root / "data", "train", seed=1)
+    a = ds[(0, 5)]["labels"]
+    assert (a == again[(0, 5)]["labels"]).all()  # same (seed, epoch, index) → same masking
+    diff_epoch = sum(not (ds[(0, i)]["labels"] == ds[(1, i)]["labels"]).all() for i in range(20))
+    assert diff_epoch >= 15  # a new draw every epoch
+    ds.set_epoch(1)
+    assert (ds[5]["labels"] == ds[(1, 5)]["labels"]).all()
+    fixed = PretrainingDataset(root / "data", "heldout", seed=1, fixed_masking=True)
+    assert (fixed[(0, 2)]["labels"] == fixed[(7, 2)]["labels"]).all()
+
+
+def test_collate_trims_unused_padding(corpus):
+    root, _ = corpus
+    ds = PretrainingDataset(root / "data", "train")
+    short = [i for i in range(len(ds)) if ds.offsets[i + 1] - ds.offsets[i] < 10][:3]
+    assert short, "the corpus should have some short instances"
+    b = collate([ds[i] for i in short], pad_to_multiple=8)
+    longest = max(int(ds.offsets[i + 1] - ds.offsets[i]) + 3 for i in short)
+    assert b["input_ids"].shape == (len(short), -(-longest // 8) * 8)
+    assert b["next_sentence_label"].shape == (len(short),)
+
+
+def test_step_batch_sampler_shards_and_resumes():
+    one = StepBatchSampler(50, micro_batch=3, grad_accum=2, world_size=2, rank=0, seed=7, start_step=0,
+                           num_steps=20)
+    single = StepBatchSampler(50, micro_batch=6, grad_accum=2, world_size=1, rank=0, seed=7, start_step=0,
+                              num_steps=20)
+    assert one.steps_per_epoch == 4  # 50 // 12, the incomplete global batch dropped
+    for step in (0, 3, 4, 9):
+        r0 = StepBatchSampler(50, 3, 2, 2, 0, 7, 0, 20).step_indices(step)
+        r1 = StepBatchSampler(50, 3, 2, 2, 1, 7, 0, 20).step_indices(step)
+        ranks = sorted(k for mb in r0 + r1 for k in mb)
+        assert ranks == sorted(k for mb in single.step_indices(step) for k in mb)  # same global batch
+        assert len({i for _, i in ranks}) == 12 and {e for e, _ in ranks} == {step // 4}
+    # Each epoch sees distinct instances, in a new order.
+    e0 = [i for s in range(4) for mb in single.step_indices(s) for _, i in mb]
+    e1 = [i for s in range(4, 8) for mb in single.step_indices(s) for _, i in mb]
+    assert len(set(e0)) == 48 and e0 != e1
+    # A sampler started at step 5 yields exactly the tail of the full stream.
+    full = list(StepBatchSampler(50, 3, 2, 2, 1, 7, 0, 10))
+    tail = list(StepBatchSampler(50, 3, 2, 2, 1, 7, 5, 5))
+    assert tail == full[10:] and len(full) == 20
+
+
+# ---------------------------------------------------------------------------------------------- errors
+def test_errors_on_bad_files(tmp_path, corpus):
+    root, _ = corpus
+    vocab = str(root / "vocab.txt")
+
+    def run(inputs, **kw):
+        cfg = prep.PrepareConfig(out_dir=str(tmp_path / "out"), inputs=tuple(map(str, inputs)), vocab=vocab, **kw)
+        prep.prepare(cfg, log=lambda m: None)
+
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match="empty"):
+        run([tmp_path / "empty.txt"])
+    (tmp_path / "blank.txt").write_text("\n \n\t\n")
+    with pytest.raises(ValueError, match="empty"):
+        run([tmp_path / "blank.txt"])
+    (tmp_path / "empty.json").write_text("{}")
+    with pytest.raises(ValueError, match="no documents"):
+        run([tmp_path / "empty.json"])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        run([tmp_path / "bad.json"])
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="JSON object"):
+        run([tmp_path / "list.json"])
+    (tmp_path / "noextract.json").write_text('{"a": {"title": "a"}}')
+    with pytest.raises(ValueError, match="'extract'"):
+        run([tmp_path / "noextract.json"])
+    (tmp_path / "one.txt").write_text("w1 w2 .\nw3 w4 .\n")
+    with pytest.raises(ValueError, match="at least 2"):
+        run([tmp_path / "one.txt"], heldout_fraction=0.0)
+    with pytest.raises(FileNotFoundError, match="input file not found"):
+        run([tmp_path / "missing.txt"])
+    with pytest.raises(FileNotFoundError, match="vocab file not found"):
+        prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "o"), inputs=(str(root / "corpus.txt"),),
+                                        vocab=str(tmp_path / "nope.txt")))
+    (tmp_path / "novocab.txt").write_text("a\nb\nc\n")
+    with pytest.raises(ValueError, match="lacks the special tokens"):
+        prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "o"), inputs=(str(root / "corpus.txt"),),
+                                        vocab=str(tmp_path / "novocab.txt")), log=lambda m: None)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing half-written
+    with pytest.raises(FileNotFoundError, match="fastbert-prepare"):
+        PretrainingDataset(tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        PretrainingDataset(root / "data", "test")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(max_seq_len=4), "max_seq_len"), (dict(dupe_factor=0), "dupe_factor"),
+    (dict(short_seq_prob=1.5), "short_seq_prob"), (dict(heldout_fraction=0.7), "heldout_fraction"),
+    (dict(vocab="v.txt", vocab_size=100), "not both"), (dict(vocab_size=-1), "vocab_size"),
+])
+def test_errors_on_bad_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        prep.PrepareConfig(**bad).validate()
+
+
+def test_cli(tmp_path, corpus, capsys):
+    root, _ = corpus
+    out = tmp_path / "cli"
+    rc = prep.main([str(root / "corpus.txt"), "--vocab", str(root / "vocab.txt"), "--out-dir", str(out),
+                    "--max-seq-len", "24", "--dupe-factor", "1"])
+    assert rc == 0 and prep.is_prepared(out)
+    assert json.loads((out / "meta.json").read_text())["max_seq_len"] == 24
+    (tmp_path / "empty.txt").write_text("")
+    rc = prep.main([str(tmp_path / "empty.txt"), "--vocab", str(root / "vocab.txt"), "--out-dir", str(out)])
+    assert rc == 2 and "empty" in capsys.readouterr().err
+    rc = prep.main([str(root / "corpus.txt"), "--vocab", str(root / "vocab.txt"), "--max-seq-len", "2"])
+    assert rc == 2 and "max_seq_len" in capsys.readouterr().err

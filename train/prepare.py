@@ -1,0 +1,448 @@
+"""Pretraining data creation: plain text → sentence-pair instances, stored as memory-mappable arrays.
+
+Pipeline (the original BERT `create_pretraining_data.py`, minus the masking — masking is done at load time
+by `train.dataset.PretrainingDataset`, with a fresh seeded draw every epoch):
+
+    documents   text files with one sentence per line and a blank line between documents, or a JSON object
+                title → {"title", "extract"} (the embedded Wikipedia lead paragraphs, the default)
+    sentences   `split_sentences`: a small rule-based splitter (below); lines of a text file are split too,
+                so a line holding a whole paragraph is fine
+    tokens      WordPiece through the `tokenizers` package: a given vocab.txt (default: the MiniLM one, the
+                uncased vocabulary of the original BERT), or a new vocabulary of `vocab_size` trained here
+    instances   [CLS] A [SEP] B [SEP] up to max_seq_len: segments packed from consecutive sentences to a target
+                length (shorter with probability short_seq_prob), B the true continuation or, with probability
+                1/2, a span of another document; the longer segment trimmed at a random end (truncate_seq_pair).
+                One deviation: a chunk of a single sentence is cut inside the sentence (the original always
+                gives it a random B, which makes ~64% of the pairs random on these short lead paragraphs)
+    splits      documents (not instances) are split into train / held-out, so no held-out text is trained on;
+                a random B comes from the same split
+
+Output directory (one per sequence length, e.g. phase 1 at 128 and phase 2 at 512):
+
+    meta.json                   format version, options, special-token ids, counts
+    vocab.txt                   the vocabulary the ids refer to
+    {split}.tokens.npy          A and B of every instance back to back (uint16, or int32 past 65,536 ids)
+    {split}.offsets.npy         int64 [n + 1]: instance i is tokens[offsets[i]:offsets[i + 1]]
+    {split}.len_a.npy           int32 [n]: length of segment A (the rest is B)
+    {split}.is_random_next.npy  uint8 [n]: 1 when B is a random span (NSP label 1, as in BERT)
+
+Caution: all documents are held in memory while instances are made (fine for corpora up to a few GB of text);
+instance creation is pure Python (about 10 k instances per second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+SPLITS = ("train", "heldout")
+
+
+# ---------------------------------------------------------------------------------------------- sentences
+# A boundary is sentence-final punctuation (plus closing quotes/brackets), whitespace, then something that can
+# start a sentence (capital, digit, opening quote/bracket). The word before the punctuation vetoes the split when
+# it is a known abbreviation or a single letter (initials: "Arthur C. Clarke", "U.S. Navy").
+_BOUNDARY = re.compile(r"([.!?][\"'”’)\]]*)\s+(?=[\"'“‘(\[]?[A-Z0-9])")
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr prof sr jr st mt ft vs etc e.g i.e cf al approx ca c no nos vol fig gen col lt sgt capt "
+    "gov sen rep rev hon jan feb mar apr jun jul aug sep sept oct nov dec inc ltd co corp bros u.s u.k".split()
+)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Split running text into sentences with the rule above; whitespace is normalised, empty pieces dropped.
+
+    Caution: rule-based — a sentence ending in an abbreviation ("... in the U.S. The next") stays joined to the
+    next one, and a lowercase sentence start is not a boundary. Good enough for BERT's segment packing, which
+    only needs roughly sentence-sized pieces.
+    """
+    text = " ".join(text.split())
+    sentences, start = [], 0
+    for m in _BOUNDARY.finditer(text):
+        end = m.end(1)
+        words = text[start:m.start(1)].rsplit(" ", 1)
+        last = words[-1].lower().lstrip("\"'“‘([")
+        if m.group(1)[0] == "." and (last in _ABBREVIATIONS or len(last) == 1):
+            continue
+        sentences.append(text[start:end])
+        start = m.end()
+    if start < len(text):
+        sentences.append(text[start:])
+    return [s for s in (s.strip() for s in sentences) if s]
+
+
+# ---------------------------------------------------------------------------------------------- documents
+def read_text_documents(path: str | os.PathLike) -> list[list[str]]:
+    """A text file with one sentence (or paragraph) per line and blank lines between documents."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
+    if not text.strip():
+        raise ValueError(f"input file {path} is empty")
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.extend(split_sentences(line))
+        elif current:
+            docs.append(current)
+            current = []
+    if current:
+        docs.append(current)
+    return docs
+
+
+def read_json_documents(path: str | os.PathLike) -> list[list[str]]:
+    """A JSON object title → {"title", "extract", ...} (the embedded Wikipedia format); one document per entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"input file not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"input file {path} is empty")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object title → {{'extract': ...}}, got {type(data).__name__}")
+    docs = []
+    for title, entry in data.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("extract"), str):
+            raise ValueError(f"{path}: entry {title!r} has no 'extract' string")
+        sentences = split_sentences(entry["extract"])
+        if sentences:
+            docs.append(sentences)
+    return docs
+
+
+def read_documents(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
+    """Documents (lists of sentences) from text files and/or `.json` files; a clear error when there are none."""
+    if not paths:
+        raise ValueError("no input files given")
+    docs: list[list[str]] = []
+    for p in paths:
+        docs.extend(read_json_documents(p) if str(p).endswith(".json") else read_text_documents(p))
+    if not docs:
+        raise ValueError(f"no documents found in {', '.join(str(p) for p in paths)}")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+def default_vocab_path() -> Path:
+    """The uncased BERT WordPiece vocabulary shipped with the MiniLM checkpoint."""
+    from fastbert.resources import minilm_path
+
+    return minilm_path() / "vocab.txt"
+
+
+def load_tokenizer(vocab: str | os.PathLike, lowercase: bool = True):
+    """A `tokenizers.BertWordPieceTokenizer` on `vocab` (one token per line), checked for BERT's special tokens."""
+    from tokenizers import BertWordPieceTokenizer
+
+    vocab = Path(vocab)
+    if not vocab.is_file():
+        raise FileNotFoundError(f"vocab file not found: {vocab}")
+    with open(vocab, encoding="utf-8") as f:
+        tokens = {line.rstrip("\n") for line in f}
+    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
+    if missing:
+        raise ValueError(f"vocab file {vocab} lacks the special tokens {missing}")
+    return BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
+
+
+def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowercase: bool = True) -> Path:
+    """Train a new WordPiece vocabulary of `vocab_size` on the documents; returns the written vocab.txt."""
+    from tokenizers import BertWordPieceTokenizer
+
+    if vocab_size < len(SPECIAL_TOKENS) + 100:
+        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
+    tok = BertWordPieceTokenizer(lowercase=lowercase)
+    tok.train_from_iterator(
+        (s for d in documents for s in d), vocab_size=vocab_size, min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_model(str(out_dir))
+    return out_dir / "vocab.txt"
+
+
+def tokenize_documents(tok, documents: list[list[str]]) -> list[list[list[int]]]:
+    """documents of sentences → documents of token-id lists (empty sentences and documents dropped)."""
+    flat = [s for d in documents for s in d]
+    ids = [e.ids for e in tok.encode_batch(flat, add_special_tokens=False)]
+    out, i = [], 0
+    for d in documents:
+        sents = [s for s in ids[i:i + len(d)] if s]
+        i += len(d)
+        if sents:
+            out.append(sents)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- instances
+def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int, rng: random.Random) -> None:
+    """Trim the longer of a, b one token at a time, from the front or the back at random, until they fit."""
+    while len(a) + len(b) > max_num_tokens:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+
+
+def instances_from_document(
+    docs: list[list[list[int]]], doc_index: int, max_seq_len: int, short_seq_prob: float, rng: random.Random
+) -> list[tuple[list[int], list[int], bool]]:
+    """(A, B, is_random_next) triples from one document, as the original BERT makes them."""
+    document = docs[doc_index]
+    max_num_tokens = max_seq_len - 3  # [CLS] A [SEP] B [SEP]
+    # Mostly fill the whole length; sometimes aim shorter so the model also sees short sequences.
+    target = max_num_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_num_tokens)
+    instances, chunk, chunk_len, i = [], [], 0, 0
+    while i < len(document):
+        chunk.append(document[i])
+        chunk_len += len(document[i])
+        if i == len(document) - 1 or chunk_len >= target:
+            pieces, rewindable = chunk, True
+            if len(chunk) == 1 and len(chunk[0]) >= 2:
+                # Deviation from the original: a one-sentence chunk is cut inside the sentence instead of
+                # always getting a random B, which would push NSP far from 50/50 on short documents.
+                cut = rng.randint(1, len(chunk[0]) - 1)
+                pieces, rewindable = [chunk[0][:cut], chunk[0][cut:]], False
+            a_end = rng.randint(1, len(pieces) - 1) if len(pieces) >= 2 else 1
+            a = [t for s in pieces[:a_end] for t in s]
+            if len(pieces) == 1 or rng.random() < 0.5:
+                is_random = True
+                b_target = max(1, target - len(a))
+                other = doc_index
+                for _ in range(10):
+                    other = rng.randrange(len(docs))
+                    if other != doc_index:
+                        break
+                other_doc = docs[other]
+                b: list[int] = []
+                for s in other_doc[rng.randrange(len(other_doc)):]:
+                    b.extend(s)
+                    if len(b) >= b_target:
+                        break
+                if rewindable:
+                    i -= len(pieces) - a_end  # the unused sentences of this chunk go into the next one
+            else:
+                is_random = False
+                b = [t for s in pieces[a_end:] for t in s]
+            truncate_seq_pair(a, b, max_num_tokens, rng)
+            if a and b:
+                instances.append((a, b, is_random))
+            chunk, chunk_len = [], 0
+            target = max_num_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_num_tokens)
+        i += 1
+    return instances
+
+
+def create_instances(
+    docs: list[list[list[int]]], max_seq_len: int, dupe_factor: int, short_seq_prob: float, rng: random.Random
+) -> list[tuple[list[int], list[int], bool]]:
+    """Every document `dupe_factor` times (different packing and random B each time), then shuffled."""
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents to draw random next segments from, got {len(docs)}")
+    instances = []
+    for _ in range(dupe_factor):
+        for d in range(len(docs)):
+            instances.extend(instances_from_document(docs, d, max_seq_len, short_seq_prob, rng))
+    rng.shuffle(instances)
+    return instances
+
+
+def write_split(out_dir: Path, split: str, instances: list[tuple[list[int], list[int], bool]], vocab_size: int) -> None:
+    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
+    lengths = np.array([len(a) + len(b) for a, b, _ in instances], dtype=np.int64)
+    offsets = np.zeros(len(instances) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.fromiter((t for a, b, _ in instances for t in (*a, *b)), dtype=dtype, count=int(offsets[-1]))
+    np.save(out_dir / f"{split}.tokens.npy", tokens)
+    np.save(out_dir / f"{split}.offsets.npy", offsets)
+    np.save(out_dir / f"{split}.len_a.npy", np.array([len(a) for a, _, _ in instances], dtype=np.int32))
+    np.save(out_dir / f"{split}.is_random_next.npy", np.array([r for _, _, r in instances], dtype=np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------- API
+@dataclass
+class PrepareConfig:
+    out_dir: str = "runs/data/wiki-128"
+    inputs: tuple[str, ...] = ()  # text / .json files; empty = the embedded Wikipedia lead paragraphs
+    vocab: str | None = None  # vocab.txt; None = the MiniLM (original BERT uncased) vocabulary
+    vocab_size: int = 0  # > 0: train a new WordPiece vocabulary of this size on the corpus instead
+    lowercase: bool = True  # the default vocabulary is uncased
+    max_seq_len: int = 128  # 128 for phase 1, 512 for phase 2
+    dupe_factor: int = 5  # passes over the corpus, each packed and paired differently (BERT used 10)
+    short_seq_prob: float = 0.1  # fraction of instances aimed at a random shorter length
+    heldout_fraction: float = 0.02  # of the documents, for evaluation (0 = no held-out split)
+    seed: int = 12345
+
+    def validate(self) -> None:
+        if not 8 <= self.max_seq_len <= 4096:
+            raise ValueError(f"max_seq_len must be in [8, 4096], got {self.max_seq_len}")
+        if self.dupe_factor < 1:
+            raise ValueError(f"dupe_factor must be >= 1, got {self.dupe_factor}")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise ValueError(f"short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
+        if not 0.0 <= self.heldout_fraction < 0.5:
+            raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
+        if self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be >= 0, got {self.vocab_size}")
+        if self.vocab is not None and self.vocab_size:
+            raise ValueError("give either vocab (an existing vocab.txt) or vocab_size (train one), not both")
+
+
+def is_prepared(out_dir: str | os.PathLike) -> bool:
+    """True when `out_dir` holds a complete dataset (meta.json is written last)."""
+    meta = Path(out_dir) / "meta.json"
+    if not meta.is_file():
+        return False
+    return json.loads(meta.read_text()).get("format_version") == FORMAT_VERSION
+
+
+def prepare(cfg: PrepareConfig, log=print) -> dict:
+    """Create the dataset directory described in the module docstring; returns its metadata.
+
+    Written to a temporary sibling directory and renamed at the end, so an interrupted run leaves nothing
+    that looks complete.
+    """
+    cfg.validate()
+    t0 = time.time()
+    if cfg.inputs:
+        inputs = [str(p) for p in cfg.inputs]
+    else:
+        from fastbert.resources import wiki_corpus_path
+
+        inputs = [str(wiki_corpus_path())]
+    vocab_path = Path(cfg.vocab) if cfg.vocab else (None if cfg.vocab_size else default_vocab_path())
+    if vocab_path is not None and not vocab_path.is_file():
+        raise FileNotFoundError(f"vocab file not found: {vocab_path}")
+    docs_text = read_documents(inputs)
+    log(f"read {len(docs_text)} documents, {sum(map(len, docs_text))} sentences from {len(inputs)} file(s)")
+
+    out_dir = Path(cfg.out_dir)
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if vocab_path is None:
+            vocab_path = train_vocab(docs_text, cfg.vocab_size, tmp, cfg.lowercase)
+            log(f"trained a WordPiece vocabulary of {cfg.vocab_size} on the corpus")
+        else:
+            shutil.copyfile(vocab_path, tmp / "vocab.txt")
+        tok = load_tokenizer(tmp / "vocab.txt", cfg.lowercase)
+        docs = tokenize_documents(tok, docs_text)
+        if len(docs) < 2:
+            raise ValueError(f"need at least 2 non-empty documents, got {len(docs)}")
+
+        rng = random.Random(cfg.seed)
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        n_held = round(len(docs) * cfg.heldout_fraction)
+        if cfg.heldout_fraction > 0:
+            n_held = max(2, n_held)
+            if len(docs) - n_held < 2:
+                raise ValueError(
+                    f"{len(docs)} documents are too few for a held-out split of {cfg.heldout_fraction}; "
+                    "give more text or heldout_fraction=0"
+                )
+        split_docs = {"heldout": [docs[i] for i in order[:n_held]], "train": [docs[i] for i in order[n_held:]]}
+        counts = {}
+        for split in SPLITS:
+            if not split_docs[split]:
+                instances = []
+            else:
+                instances = create_instances(
+                    split_docs[split], cfg.max_seq_len, cfg.dupe_factor, cfg.short_seq_prob, rng
+                )
+            write_split(tmp, split, instances, tok.get_vocab_size())
+            counts[split] = {
+                "documents": len(split_docs[split]),
+                "instances": len(instances),
+                "tokens": sum(len(a) + len(b) for a, b, _ in instances),
+                "random_next": sum(r for _, _, r in instances),
+            }
+        if counts["train"]["instances"] == 0:
+            raise ValueError("the corpus produced no training instances")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "config": {**asdict(cfg), "inputs": inputs, "vocab": str(vocab_path)},
+            "vocab_size": tok.get_vocab_size(),
+            "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
+            "max_seq_len": cfg.max_seq_len,
+            "splits": counts,
+        }
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    c = counts["train"]
+    log(
+        f"wrote {out_dir}: {c['instances']} train / {counts['heldout']['instances']} held-out instances "
+        f"of ≤ {cfg.max_seq_len} tokens ({c['tokens'] / max(1, c['instances']):.1f} tokens each, "
+        f"{c['random_next'] / max(1, c['instances']):.1%} random next) in {time.time() - t0:.1f} s"
+    )
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    d = PrepareConfig()
+    p = argparse.ArgumentParser(
+        prog="fastbert-prepare",
+        description="Make BERT pretraining instances (NSP pairs; masking happens at load time) from plain text.",
+    )
+    p.add_argument("inputs", nargs="*", help="text files (one sentence per line, blank line between documents) "
+                   "or .json title→{extract} files; default: the embedded Wikipedia lead paragraphs")
+    p.add_argument("--out-dir", default=d.out_dir, help=f"output directory (default {d.out_dir})")
+    p.add_argument("--vocab", default=None, help="vocab.txt to use (default: the MiniLM / BERT uncased one)")
+    p.add_argument("--vocab-size", type=int, default=0, help="train a new WordPiece vocabulary of this size")
+    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=d.lowercase)
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="128 (phase 1) or 512 (phase 2)")
+    p.add_argument("--dupe-factor", type=int, default=d.dupe_factor)
+    p.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob)
+    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
+    p.add_argument("--seed", type=int, default=d.seed)
+    return p
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    cfg = PrepareConfig(
+        out_dir=args.out_dir, inputs=tuple(args.inputs), vocab=args.vocab, vocab_size=args.vocab_size,
+        lowercase=args.lowercase, max_seq_len=args.max_seq_len, dupe_factor=args.dupe_factor,
+        short_seq_prob=args.short_seq_prob, heldout_fraction=args.heldout_fraction, seed=args.seed,
+    )
+    try:
+        prepare(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fastbert-prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
