@@ -55,6 +55,7 @@ from kernels._common import (
     seed_value,
     use_triton,
 )
+from kernels._philox import philox_uniform
 
 MAX_HIDDEN = 65536
 
@@ -410,40 +411,6 @@ def bias_dropout_add_layernorm(
 # Dropout mask (bit-exact PyTorch rebuild of the kernel's Philox stream) and the reference
 # ----------------------------------------------------------------------------------------------------------
 
-_M32 = 0xFFFFFFFF
-_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
-_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
-_PHILOX_ROUNDS = 10
-_UINT_TO_UNIFORM = 4.6566127342e-10  # Triton's scale: the largest with (2**31 - 1) · scale < 1 in fp32
-
-
-def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(high, low) 32-bit words of a·b for a uint32 constant and int64 tensor b in [0, 2**32), without
-    int64 overflow: b is split into 16-bit halves."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    p_lo, p_hi = a * b_lo, a * b_hi  # each < 2**48
-    high = (p_hi + (p_lo >> 16)) >> 16
-    low = (((p_hi & 0xFFFF) << 16) + p_lo) & _M32
-    return high, low
-
-
-def _philox_uniform(seed: int, counters: torch.Tensor) -> torch.Tensor:
-    """float32 uniforms in [0, 1) equal to the kernel's ``uint_to_uniform_float(philox(seed, lo, hi, 0, 0))``
-    for int64 counters."""
-    c0, c1 = counters & _M32, counters >> 32
-    c2 = torch.zeros_like(counters)
-    c3 = torch.zeros_like(counters)
-    k0, k1 = seed & _M32, (seed >> 32) & _M32
-    for _ in range(_PHILOX_ROUNDS):
-        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
-        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
-    # Triton bit-casts to int32 and maps negatives v to -v - 1, i.e. u32 -> 2**32 - 1 - u32 above 2**31.
-    folded = torch.where(c0 >= 2**31, _M32 - c0, c0)
-    return folded.to(torch.float32) * torch.tensor(_UINT_TO_UNIFORM, dtype=torch.float32)
-
-
 def bias_dropout_add_layernorm_dropout_mask(
     seed: int | torch.Tensor,
     shape: tuple[int, ...] | torch.Size,
@@ -459,7 +426,7 @@ def bias_dropout_add_layernorm_dropout_mask(
         return torch.ones(shape, dtype=torch.bool, device=device)
     seed_int = seed_value(seed) if isinstance(seed, torch.Tensor) else int(seed)
     counters = torch.arange(int(torch.Size(shape).numel()), dtype=torch.int64, device=device).view(shape)
-    return _philox_uniform(seed_int, counters) >= torch.tensor(float(p), dtype=torch.float32)
+    return philox_uniform(seed_int, counters) >= torch.tensor(float(p), dtype=torch.float32)
 
 
 def bias_dropout_add_layernorm_ref(

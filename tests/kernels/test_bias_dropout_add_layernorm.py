@@ -10,9 +10,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._philox import philox_uniform
 from kernels.bias_dropout_add_layernorm import (
     _dropout_keep,
-    _philox_uniform,
     bias_dropout_add_layernorm,
     bias_dropout_add_layernorm_dropout_mask,
     bias_dropout_add_layernorm_ref,
@@ -193,9 +193,9 @@ def test_counters_above_2_pow_32(device):
     out = torch.empty(256, dtype=torch.int8, device=device)
     _keep_probe_kernel[(1,)](out, base >> 32, base & 0xFFFFFFFF, seed, p, BLOCK=256)
     counters = torch.arange(base, base + 256, dtype=torch.int64, device=device)
-    expected = _philox_uniform(seed, counters) >= p
+    expected = philox_uniform(seed, counters) >= p
     assert torch.equal(out.bool(), expected)
-    wrapped = _philox_uniform(seed, counters - 2**32) >= p
+    wrapped = philox_uniform(seed, counters - 2**32) >= p
     assert not torch.equal(expected, wrapped)
 
 
