@@ -9,7 +9,8 @@ This module holds every piece of measuring code (the pytest-benchmark suite in `
   C, B, A, …: one median per round, the median of the rounds reported), so drifting clocks hit them alike.
   The first call of each candidate — Triton autotuning, ``torch.compile`` — is timed apart (``warm_s``).
 - ceilings of the device measured first: bf16 (CPU: fp32) matmul TFLOP/s and copy GB/s (read + write).
-- FLOP / byte formulas per op, MFU of the training step with the useful-FLOP formula of DESIGN.md:
+- FLOP / byte formulas per op, MFU of the training step with the useful-FLOP formula of DESIGN.md
+  (``fastbert.flops``):
   ``F = 72·L·H² + 12·L·T·H + 6·H·V·f`` per real token (f = 0.15), summed over the real tokens of every
   sequence (so a padded batch is credited with its real tokens only, each with its own length T).
 - peak memory: ``torch.cuda.max_memory_allocated`` after a reset, for one call made alone; reported as
@@ -53,6 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import PRESETS, BertConfig
+from .flops import train_flops_per_token
 
 IGNORE_INDEX = -100
 MLM_FRACTION = 0.15  # f in the useful-FLOP formula: share of tokens the MLM head scores
@@ -292,12 +294,6 @@ def attention_flops(B: int, T: int, h: int, d: int) -> float:
 
 BWD_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}  # attention backward = 2.5 × forward
 GEMM_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.0, "fwd+bwd": 3.0}  # a linear layer's backward = 2 GEMMs
-
-
-def train_flops_per_token(cfg: BertConfig, T: int, f: float = MLM_FRACTION) -> float:
-    """Useful forward+backward FLOPs per real token (DESIGN.md): 72·L·H² + 12·L·T·H + 6·H·V·f."""
-    L, H, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size
-    return 72.0 * L * H * H + 12.0 * L * T * H + 6.0 * H * V * f
 
 
 def train_flops(cfg: BertConfig, lengths: Sequence[int], f: float = MLM_FRACTION) -> float:

@@ -19,6 +19,7 @@ Caution: the special tokens must be spelled `[PAD] [UNK] [CLS] [SEP] [MASK]` (ev
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ class Tokenizer:
         ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
         missing = [tok for tok, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"the vocabulary lacks BERT's special tokens {missing}")
+            raise ValueError(f"the vocabulary lacks the special tokens {missing} (BERT's)")
         tokenizer.no_padding()  # a tokenizer.json may store its own; `encode` sets them per call
         tokenizer.no_truncation()
         probe = tokenizer.encode("a", "b")
@@ -56,8 +57,9 @@ class Tokenizer:
         """From `vocab.txt`, `tokenizer.json` (any file name ending in .json), or a folder holding either
         (tokenizer.json is preferred, unless `lowercase` is given: that asks for vocab.txt).
 
-        `lowercase` (vocab.txt only; default True, as the uncased BERT models) lowercases and strips accents.
-        A tokenizer.json has its own normalizer, so `lowercase` with a .json file is an error.
+        `lowercase` (vocab.txt only) lowercases and strips accents; None (default) takes `do_lower_case` from a
+        Hugging Face tokenizer_config.json beside the vocab.txt, else True (the uncased BERT models). A
+        tokenizer.json has its own normalizer, so `lowercase` with a .json file is an error.
         """
         path = Path(path)
         if not path.exists():
@@ -76,8 +78,12 @@ class Tokenizer:
                 tok = tokenizers.Tokenizer.from_file(str(path))
             except Exception as e:  # the Rust side raises plain Exception on malformed files
                 raise ValueError(f"{path} is not a valid tokenizer.json: {e}") from None
+        else:
+            tok = _wordpiece_from_vocab(path, _do_lower_case(path.parent) if lowercase is None else lowercase)
+        try:
             return cls(tok)
-        return cls(_wordpiece_from_vocab(path, True if lowercase is None else lowercase))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -103,6 +109,12 @@ class Tokenizer:
     @property
     def mask_id(self) -> int:
         return self._mask
+
+    @property
+    def backend_tokenizer(self) -> tokenizers.Tokenizer:
+        """The wrapped `tokenizers.Tokenizer` (for offsets, `save`, ...). `encode` resets its truncation and
+        padding per call; it has both off after construction."""
+        return self._tok
 
     def __len__(self) -> int:
         return self.vocab_size
@@ -207,6 +219,15 @@ class Tokenizer:
     def tokenize(self, text: str) -> list[str]:
         """WordPiece tokens of one text, without special tokens."""
         return self._tok.encode(text, add_special_tokens=False).tokens
+
+
+def _do_lower_case(folder: Path) -> bool:
+    """`do_lower_case` of a Hugging Face tokenizer_config.json in `folder`; True without one (or unreadable)."""
+    try:
+        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    return bool(config.get("do_lower_case", True)) if isinstance(config, dict) else True
 
 
 def _wordpiece_from_vocab(path: Path, lowercase: bool) -> tokenizers.Tokenizer:

@@ -31,27 +31,27 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import random
-import re
 import sys
 import time
-import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 from torch import nn
 
 from fastbert.config import FUSION_FLAGS, BertConfig
 from fastbert.modeling import BertForQuestionAnswering, BertForSequenceClassification
+from fastbert.tokenizer import Tokenizer
 
 from . import squad as squad_lib
 from .classification_data import embedded_task_split
+from .cli import add_config_arguments
 from .glue import GLUE_TASKS, TextExample, classification_metrics, glue_files, read_glue_tsv
 
 EMBEDDED_TASKS = ("rotten_tomatoes", "bbc_news")
@@ -149,54 +149,14 @@ def _print(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
-def load_tokenizer(path: str | Path):
-    """A `tokenizers.Tokenizer` with truncation and padding off, from tokenizer.json, vocab.txt (BERT
-    WordPiece; lower-cased unless a tokenizer_config.json beside it says do_lower_case false) or a folder
-    holding either (tokenizer.json preferred)."""
-    from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordPiece
-
-    path = Path(path)
-    if path.is_dir():
-        for name in ("tokenizer.json", "vocab.txt"):
-            if (path / name).is_file():
-                path = path / name
-                break
-        else:
-            raise FileNotFoundError(
-                f"no tokenizer.json or vocab.txt in {path}; "
-                "pass --tokenizer with the vocabulary the model was trained on"
-            )
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    if path.suffix == ".json":
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # the Rust side raises a bare Exception on malformed files
-            raise ValueError(f"{path}: not a valid tokenizer.json: {e}") from None
-    else:
-        lowercase = True
-        cfg_path = path.parent / "tokenizer_config.json"
-        if cfg_path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                lowercase = bool(json.loads(cfg_path.read_text(encoding="utf-8")).get("do_lower_case", True))
-        try:
-            tok = Tokenizer(WordPiece.from_file(str(path), unk_token="[UNK]"))
-        except Exception as e:
-            raise ValueError(f"{path}: not a valid WordPiece vocabulary: {e}") from None
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece()
-        ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]")}
-        if None in ids.values():
-            raise ValueError(f"{path}: vocabulary lacks [CLS] or [SEP]")
-        tok.post_processor = processors.BertProcessing(("[SEP]", ids["[SEP]"]), ("[CLS]", ids["[CLS]"]))
-    tok.no_truncation()
-    tok.no_padding()
-    for special in ("[CLS]", "[SEP]", "[PAD]"):
-        if tok.token_to_id(special) is None:
-            raise ValueError(f"{path}: the tokenizer has no {special} token")
-    return tok
+def load_tokenizer(path: str | Path) -> tokenizers.Tokenizer:
+    """The `tokenizers.Tokenizer` (truncation and padding off) of `fastbert.Tokenizer.from_file(path)`: a
+    tokenizer.json, a vocab.txt (BERT WordPiece; lower-cased unless a tokenizer_config.json beside it says
+    do_lower_case false) or a folder holding either (tokenizer.json preferred)."""
+    try:
+        return Tokenizer.from_file(path).backend_tokenizer
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; pass --tokenizer with the vocabulary the model was trained on") from None
 
 
 def encode_pairs(tokenizer, examples: list[TextExample], max_length: int) -> list[tuple[list[int], list[int]]]:
@@ -497,8 +457,9 @@ def finetune(
 ) -> dict:
     """Run one fine-tuning job (see the module docstring) and return the metrics written to metrics.json.
 
-    `model` (a BertForSequenceClassification / BertForQuestionAnswering) and `tokenizer` (a
-    `tokenizers.Tokenizer` with a [CLS] / [SEP] / [PAD] vocabulary) replace `cfg.init` / `cfg.tokenizer`."""
+    `model` (a BertForSequenceClassification / BertForQuestionAnswering) and `tokenizer` (a fastbert
+    `Tokenizer`, or a `tokenizers.Tokenizer` with a [CLS] / [SEP] / [PAD] vocabulary) replace `cfg.init` /
+    `cfg.tokenizer`."""
     cfg.validate()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -520,6 +481,8 @@ def finetune(
         else:
             source = folder
         tokenizer = load_tokenizer(source)
+    elif isinstance(tokenizer, Tokenizer):
+        tokenizer = tokenizer.backend_tokenizer
     else:
         tokenizer.no_truncation()
         tokenizer.no_padding()
@@ -584,41 +547,13 @@ def finetune(
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def _optional(kind: type) -> Callable[[str], object]:
-    def parse(text: str):
-        return None if text.lower() == "none" else kind(text)
-
-    parse.__name__ = kind.__name__  # argparse names the type in its error message
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     """One option per FinetuneConfig field (`--max-length 128`, `--no-save-model`), defaults from it."""
     parser = argparse.ArgumentParser(
         prog="fastbert-finetune",
         description="Fine-tune BERT (MiniLM by default) on a classification, regression or SQuAD task.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(FinetuneConfig)
-    # The comment beside each field in FinetuneConfig is its help text (one place to document a default).
-    source = inspect.getsource(FinetuneConfig)
-    helps = dict(re.findall(r"^\s+(\w+): [^=\n]+= [^#\n]*#\s*(.*)$", source, flags=re.M))
-    for f in dataclasses.fields(FinetuneConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        args = typing.get_args(hint)
-        if hint is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                help=helps.get(f.name, ""))
-        elif type(None) in args:
-            (kind,) = [a for a in args if a is not type(None)]
-            parser.add_argument(flag, type=_optional(kind), default=f.default, metavar=kind.__name__.upper(),
-                                help=helps.get(f.name, ""))
-        elif f.name == "task":
-            parser.add_argument(flag, choices=TASKS, default=f.default, help=helps.get(f.name, ""))
-        else:
-            parser.add_argument(flag, type=hint, default=f.default, metavar=hint.__name__.upper(),
-                                help=helps.get(f.name, ""))
+    add_config_arguments(parser, FinetuneConfig, choices={"task": TASKS})
     return parser
 
 

@@ -46,8 +46,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fastbert.tokenizer import SPECIAL_TOKENS, Tokenizer
+
+from .cli import add_config_arguments
+
 FORMAT_VERSION = 1
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 SPLITS = ("train", "heldout")
 
 
@@ -150,21 +153,6 @@ def default_vocab_path() -> Path:
     from fastbert.resources import minilm_path
 
     return minilm_path() / "vocab.txt"
-
-
-def load_tokenizer(vocab: str | os.PathLike, lowercase: bool = True):
-    """A `tokenizers.BertWordPieceTokenizer` on `vocab` (one token per line), checked for BERT's special tokens."""
-    from tokenizers import BertWordPieceTokenizer
-
-    vocab = Path(vocab)
-    if not vocab.is_file():
-        raise FileNotFoundError(f"vocab file not found: {vocab}")
-    with open(vocab, encoding="utf-8") as f:
-        tokens = {line.rstrip("\n") for line in f}
-    missing = [t for t in SPECIAL_TOKENS if t not in tokens]
-    if missing:
-        raise ValueError(f"vocab file {vocab} lacks the special tokens {missing}")
-    return BertWordPieceTokenizer(str(vocab), lowercase=lowercase)
 
 
 def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowercase: bool = True) -> Path:
@@ -285,7 +273,7 @@ def write_split(out_dir: Path, split: str, instances: list[tuple[list[int], list
 # ---------------------------------------------------------------------------------------------- API
 @dataclass
 class PrepareConfig:
-    out_dir: str = "runs/data/wiki-128"
+    out_dir: str = "runs/data/wiki-128"  # output directory (one per sequence length)
     inputs: tuple[str, ...] = ()  # text / .json files; empty = the embedded Wikipedia lead paragraphs
     vocab: str | None = None  # vocab.txt; None = the MiniLM (original BERT uncased) vocabulary
     vocab_size: int = 0  # > 0: train a new WordPiece vocabulary of this size on the corpus instead
@@ -349,7 +337,7 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
             log(f"trained a WordPiece vocabulary of {cfg.vocab_size} on the corpus")
         else:
             shutil.copyfile(vocab_path, tmp / "vocab.txt")
-        tok = load_tokenizer(tmp / "vocab.txt", cfg.lowercase)
+        tok = Tokenizer.from_file(tmp / "vocab.txt", lowercase=cfg.lowercase).backend_tokenizer
         docs = tokenize_documents(tok, docs_text)
         if len(docs) < 2:
             raise ValueError(f"need at least 2 non-empty documents, got {len(docs)}")
@@ -410,32 +398,19 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
 
 # ---------------------------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
-    d = PrepareConfig()
     p = argparse.ArgumentParser(
         prog="fastbert-prepare",
         description="Make BERT pretraining instances (NSP pairs; masking happens at load time) from plain text.",
     )
     p.add_argument("inputs", nargs="*", help="text files (one sentence per line, blank line between documents) "
                    "or .json title→{extract} files; default: the embedded Wikipedia lead paragraphs")
-    p.add_argument("--out-dir", default=d.out_dir, help=f"output directory (default {d.out_dir})")
-    p.add_argument("--vocab", default=None, help="vocab.txt to use (default: the MiniLM / BERT uncased one)")
-    p.add_argument("--vocab-size", type=int, default=0, help="train a new WordPiece vocabulary of this size")
-    p.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=d.lowercase)
-    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len, help="128 (phase 1) or 512 (phase 2)")
-    p.add_argument("--dupe-factor", type=int, default=d.dupe_factor)
-    p.add_argument("--short-seq-prob", type=float, default=d.short_seq_prob)
-    p.add_argument("--heldout-fraction", type=float, default=d.heldout_fraction)
-    p.add_argument("--seed", type=int, default=d.seed)
+    add_config_arguments(p, PrepareConfig, exclude=("inputs",))
     return p
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    args = build_parser().parse_args(None if argv is None else list(argv))
-    cfg = PrepareConfig(
-        out_dir=args.out_dir, inputs=tuple(args.inputs), vocab=args.vocab, vocab_size=args.vocab_size,
-        lowercase=args.lowercase, max_seq_len=args.max_seq_len, dupe_factor=args.dupe_factor,
-        short_seq_prob=args.short_seq_prob, heldout_fraction=args.heldout_fraction, seed=args.seed,
-    )
+    args = vars(build_parser().parse_args(None if argv is None else list(argv)))
+    cfg = PrepareConfig(inputs=tuple(args.pop("inputs")), **args)
     try:
         prepare(cfg)
     except (ValueError, FileNotFoundError) as e:

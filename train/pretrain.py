@@ -38,7 +38,6 @@ import os
 import shutil
 import sys
 import time
-import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ import torch
 from torch import nn
 
 from fastbert.config import BertConfig
+from fastbert.flops import train_flops_per_token
 from fastbert.modeling import BertForPreTraining
 
 from . import distributed
@@ -59,6 +59,7 @@ from .checkpointing import (
     save_model_folder,
     set_rng_state,
 )
+from .cli import add_config_arguments
 from .dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
 from .optim import build_optimizer, build_scheduler
 from .prepare import PrepareConfig, is_prepared, prepare
@@ -209,12 +210,6 @@ def peak_flops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-
-def flops_per_token(config: BertConfig, seq_len: int, masked_fraction: float) -> float:
-    """Training FLOP (forward + backward) per real token: 72·L·H² + 12·L·T·H + 6·H·V·f."""
-    L, H, V = config.num_hidden_layers, config.hidden_size, config.vocab_size
-    return 72 * L * H * H + 12 * L * seq_len * H + 6 * H * V * masked_fraction
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -533,7 +528,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                 "seq_per_s": seqs / dt, "tokens_per_s": toks / dt,
             }
             if peak is not None:
-                f = flops_per_token(mcfg, seq_len, mlm_n / toks)
+                f = train_flops_per_token(mcfg, seq_len, mlm_n / toks)
                 rec["mfu"] = toks / dt * f / (peak * info.world_size)
             rec["elapsed_s"] = time.time() - t_start
             log.write(rec)
@@ -595,22 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastbert-pretrain",
         description="BERT pretraining (MLM + NSP) with fastbert. Every PretrainConfig field is a flag; "
                     "precedence: defaults < --preset < --demo < flags given.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    hints = typing.get_type_hints(PretrainConfig)
-    defaults = PretrainConfig()
-    for f in fields(PretrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        kind = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-        # argparse.SUPPRESS: only flags actually given reach the namespace, so presets are not overridden by
-        # the dataclass defaults.
-        if kind is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default {getattr(defaults, f.name)})")
-        else:
-            p.add_argument(flag, type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                           help=f"(default {getattr(defaults, f.name)})")
+    # Defaults suppressed: only flags actually given reach the namespace, so presets are not overridden by the
+    # dataclass defaults.
+    add_config_arguments(p, PretrainConfig, suppress_defaults=True)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     return p
 

@@ -104,3 +104,15 @@ def test_bad_inputs(vocab_file, tmp_path):
     no_specials.write_text("the\ncat\n[UNK]\n")
     with pytest.raises(ValueError, match="special tokens"):
         Tokenizer.from_file(no_specials)
+
+
+def test_backend_tokenizer_and_do_lower_case_from_tokenizer_config(vocab_file):
+    tok = Tokenizer.from_file(vocab_file)
+    backend = tok.backend_tokenizer  # the wrapped `tokenizers.Tokenizer`: offsets, save, ...
+    enc = backend.encode("The cat", add_special_tokens=False)
+    assert enc.tokens == ["the", "cat"] and enc.offsets == [(0, 3), (4, 7)]
+    assert backend.token_to_id("[SEP]") == tok.sep_id and backend.truncation is None and backend.padding is None
+    # A Hugging Face tokenizer_config.json beside the vocab.txt decides the case unless `lowercase` is given.
+    (vocab_file.parent / "tokenizer_config.json").write_text('{"do_lower_case": false}')
+    assert Tokenizer.from_file(vocab_file).tokenize("The cat") == ["[UNK]", "cat"]
+    assert Tokenizer.from_file(vocab_file, lowercase=True).tokenize("The cat") == ["the", "cat"]

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from train import prepare as prep
-from train.pretrain import PretrainConfig, flops_per_token, main, pretrain
+from train.pretrain import PretrainConfig, main, pretrain
 
 REPO = Path(__file__).resolve().parents[2]
 WORDS = [f"w{i}" for i in range(40)]
@@ -213,10 +213,16 @@ def test_cli_precedence_and_errors(capsys):
 
         resolve_precision(PretrainConfig(precision="bf16"), torch.device("cpu"))
     assert set(asdict(PretrainConfig())) >= {"preset", "lr", "resume", "init_from", "stop_at_step"}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # each flag's help is its field's comment (+ continuation)
+    assert "--micro-batch-size INT sequences per forward per rank (default: 64)" in shown
+    assert "N = a new WordPiece vocabulary of N tokens trained on the corpus (default: 0)" in shown
 
 
 def test_flops_per_token_matches_the_design_number():
     from fastbert.config import BertConfig
+    from fastbert.flops import train_flops_per_token
 
-    f = flops_per_token(BertConfig.from_preset("base"), 128, 0.15)
+    f = train_flops_per_token(BertConfig.from_preset("base"), 128, 0.15)
     assert f == pytest.approx(5.45e8, rel=2e-3)
