@@ -1,6 +1,7 @@
 """fastbert: BERT with Triton fused kernels — reference encoder, fused drop-in layers, HF checkpoints."""
 
 from .config import PRESETS, BertConfig
+from .fused import apply_fusions, fusion_report
 from .modeling import (
     BertForMaskedLM,
     BertForPreTraining,
@@ -8,6 +9,7 @@ from .modeling import (
     BertForSequenceClassification,
     BertModel,
 )
+from .optimize import optimize
 from .tokenizer import Tokenizer
 
 __all__ = [
@@ -19,4 +21,7 @@ __all__ = [
     "BertForSequenceClassification",
     "BertForQuestionAnswering",
     "Tokenizer",
+    "apply_fusions",
+    "fusion_report",
+    "optimize",
 ]

@@ -95,7 +95,7 @@ def check_inputs(
     if token_type_ids is not None and token_type_ids.is_floating_point():
         raise ValueError(f"token_type_ids must be integer, got {token_type_ids.dtype}")
     # Value checks cost a device sync on CUDA, where an out-of-range id raises a device assert anyway.
-    if input_ids.device.type == "cpu" and input_ids.numel():
+    if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
         if attention_mask is not None and attention_mask.dtype != torch.bool:
             if ((attention_mask != 0) & (attention_mask != 1)).any():
                 raise ValueError(
@@ -134,6 +134,11 @@ def mlm_scores(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, mask
     """
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but the input has {tuple(hidden.shape[:-1])}")
+    fused = getattr(head, "fused_mlm_scores", None)  # fastbert.fused.FusedLMPredictionHead
+    if fused is not None:
+        out = fused(hidden, labels, masked_only)  # None: no fused path for these tensors
+        if out is not None:
+            return out
     flat_l = labels.reshape(-1)  # (B·T,)
     keep = flat_l != IGNORE_INDEX
     if masked_only:
@@ -334,8 +339,18 @@ class BertPreTrainedModel(nn.Module):
         self.config = config
 
     def init_weights(self) -> None:
+        """Original-BERT init, tie the decoder, then swap in the fused modules the config's flags ask for."""
+        from .fused import apply_fusions  # late import: fused imports this module
+
         self.apply(self._init_module)
         self.tie_weights()
+        apply_fusions(self)
+
+    def fusion_report(self, device: torch.device | str | None = None) -> dict[str, str]:
+        """Which path (fused kernel or reference) each module takes for tensors on `device`."""
+        from .fused import fusion_report
+
+        return fusion_report(self, device)
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.initializer_range
