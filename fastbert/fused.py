@@ -24,6 +24,18 @@ every flag off, `apply_fusions` leaves a model as the reference. `fusion_report(
 module takes on a device; a fallback where Triton runs (a head size the attention kernel does not support)
 warns, once per reason: it is never silent.
 
+Autocast. Autocast does not cast the inputs of custom ops, so the fused modules do it themselves: under
+`torch.autocast(device_type, dtype)` for the activation's device type (fp32/fp16/bf16 activations), each fused
+call casts its activation and the weights and biases its GEMM needs to autocast's dtype (a plain `.to`, as
+autocast does for `nn.Linear`: gradients reach the fp32 master parameters in fp32), while LayerNorm's gamma and
+beta and the bias of bias + dropout + residual + LayerNorm stay fp32 (that kernel reads them in any float dtype
+and adds in fp32). The encoder's residual stream runs in autocast's dtype: `FusedEncoder` casts its input (the
+embeddings' fp32 LayerNorm output) once at entry and returns autocast's dtype, so the reference pooler and heads
+after it see what autocast would give them. Every kernel of a call thus computes in one dtype (fp32
+accumulation inside). Without autocast nothing is cast: the kernels take the tensors as given, and mismatched
+dtypes raise a ValueError, as the reference's Linears raise. `fusion_report` under autocast reports for
+autocast's dtype.
+
 Q, K, V parameters. The modules keep Hugging Face's separate `query`, `key`, `value` Linears and concatenate the
 weights at forward time for the one fused GEMM. The copy moves ``3·H² + 3H`` elements (7 MB at H = 768 in bf16:
 a few µs) against the GEMM's ``6·B·T·H²`` FLOPs (116 GFLOP, ~150 µs at B·T = 32768 on an H200), about 2% of the
@@ -140,6 +152,21 @@ def _dropout_p(module: nn.Module, dropout: nn.Dropout) -> float:
     return dropout.p if module.training else 0.0
 
 
+def _to_compute_dtype(x: torch.Tensor, *others: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """`x` and `others` (weights, biases, a residual; None passes through) in the compute dtype of a call on
+    activation `x`: autocast's dtype when autocast is enabled for x's device type and x is a tensor autocast
+    casts (fp32/fp16/bf16, not fp64), else all unchanged.
+
+    Autocast does not cast the inputs of custom ops, so the fused modules do it here, as autocast does for
+    `nn.Linear`: a plain `.to`, through which autograd returns fp32 gradients to fp32 parameters. Without
+    autocast nothing is cast, so mismatched dtypes still raise in the kernels (as the reference's Linears do)."""
+    device_type = x.device.type
+    if x.dtype not in FLOAT_DTYPES or not torch.is_autocast_enabled(device_type):
+        return (x, *others)
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t if t is None else t.to(dtype) for t in (x, *others))
+
+
 # ---------------------------------------------------------------------------------------------- attention
 class FusedSelfAttention(BertSelfAttention):
     """Self-attention: fused QKV GEMM + flash-style attention with key padding and dropout.
@@ -152,25 +179,29 @@ class FusedSelfAttention(BertSelfAttention):
         self.config = config
 
     # -- which path
-    def _attention_kernel_ok(self, x: torch.Tensor) -> bool:
-        """True when the flash-style kernel takes this input; a refusal warns (once per reason)."""
-        reason = attention_unsupported(self.head_dim, x.dtype)
+    def _attention_kernel_ok(self, q: torch.Tensor) -> bool:
+        """True when the flash-style kernel takes these queries; a refusal warns (once per reason)."""
+        reason = attention_unsupported(self.head_dim, q.dtype)
         if reason is None:
             return True
         _warn_once(f"fastbert: fused attention falls back to materialised scores + softmax-dropout kernel: {reason}")
         return False
 
     def can_unpad(self, x: torch.Tensor) -> bool:
-        """Whether this layer can run on the packed (variable-length) layout for input like x."""
-        return self.config.fused_attention and use_triton(x) and attention_unsupported(self.head_dim, x.dtype) is None
+        """Whether this layer can run on the packed (variable-length) layout for input like x (in its compute
+        dtype)."""
+        if not (self.config.fused_attention and use_triton(x)):
+            return False
+        dtype = _to_compute_dtype(x)[0].dtype
+        return attention_unsupported(self.head_dim, dtype) is None
 
     # -- pieces
     def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v as (..., h, d)."""
+        """q, k, v as (..., h, d), in the compute dtype (the Linears of the unfused branch autocast themselves)."""
         if self.config.fused_qkv and use_triton(x):
             w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
             b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
-            return qkv_projection(x, w, b, self.num_heads)
+            return qkv_projection(*_to_compute_dtype(x, w, b), self.num_heads)
         shape = (*x.shape[:-1], self.num_heads, self.head_dim)
         return self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)  # (..., h, d)
 
@@ -201,7 +232,7 @@ class FusedSelfAttention(BertSelfAttention):
             ctx = self._reference_core(q, k, v, key_mask)  # (B, T, h, d)
         else:
             pad = key_mask[:, 0, 0, :] if key_mask is not None else None  # (B, T) True = real token
-            if self._attention_kernel_ok(x):
+            if self._attention_kernel_ok(q):
                 ctx = fused_attention(q, k, v, key_padding_mask=pad, dropout_p=p)  # (B, T, h, d)
             else:
                 scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1)  # (B, h, T, T)
@@ -222,9 +253,13 @@ class FusedSelfAttention(BertSelfAttention):
 
 
 def _dense_dropout_add_layernorm(module: BertSelfOutput, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """LayerNorm(residual + dropout(x·Wᵀ + b)) with bias, dropout, residual and LayerNorm in one kernel."""
+    """LayerNorm(residual + dropout(x·Wᵀ + b)) with bias, dropout, residual and LayerNorm in one kernel.
+
+    Under autocast the GEMM, x and the residual are in the compute dtype; the bias and the LayerNorm's gamma and
+    beta stay in their own dtype (the kernel reads them as they are and computes the LayerNorm in fp32)."""
     ln = module.LayerNorm
-    y = F.linear(x, module.dense.weight)  # (..., H) no bias: the kernel adds it
+    x, w, residual = _to_compute_dtype(x, module.dense.weight, residual)
+    y = F.linear(x, w)  # (..., H) no bias: the kernel adds it
     return bias_dropout_add_layernorm(
         y, module.dense.bias, residual, ln.weight, ln.bias, _dropout_p(module, module.dropout), ln.eps
     )
@@ -271,7 +306,7 @@ class FusedIntermediate(BertIntermediate):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.config.fused_bias_gelu and use_triton(x):
-            return linear_bias_gelu(x, self.dense.weight, self.dense.bias, self.approximate)
+            return linear_bias_gelu(*_to_compute_dtype(x, self.dense.weight, self.dense.bias), self.approximate)
         return super().forward(x)
 
 
@@ -332,6 +367,13 @@ class FusedEncoder(BertEncoder):
         )
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not use_triton(x):
+            return super().forward(x, attention_mask)
+        # Under autocast the residual stream runs in autocast's dtype from entry to exit (module docstring).
+        (x,) = _to_compute_dtype(x)
+        return _to_compute_dtype(self._layers(x, attention_mask))[0]
+
+    def _layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None or not self._unpad_possible(x):
             key_mask = extended_mask(attention_mask)  # (B, 1, 1, T) bool, or None
             for layer in self.layer:
@@ -372,11 +414,12 @@ class FusedPredictionHeadTransform(BertPredictionHeadTransform):
         if not use_triton(x):
             return super().forward(x)
         if self.config.fused_bias_gelu:
-            h = linear_bias_gelu(x, self.dense.weight, self.dense.bias, self.approximate)
+            h = linear_bias_gelu(*_to_compute_dtype(x, self.dense.weight, self.dense.bias), self.approximate)
         else:
             h = F.gelu(self.dense(x), approximate=self.approximate)
         ln = self.LayerNorm
         if self.config.fused_bias_dropout_layernorm:
+            (h,) = _to_compute_dtype(h)  # gamma and beta stay in their own dtype: the kernel takes them as they are
             return bias_dropout_add_layernorm(h, None, None, ln.weight, ln.bias, 0.0, ln.eps)
         return ln(h)
 
@@ -403,6 +446,9 @@ class FusedLMPredictionHead(BertLMPredictionHead):
         if labels.shape != hidden.shape[:-1]:
             raise ValueError(f"labels has shape {tuple(labels.shape)} but the input has {tuple(hidden.shape[:-1])}")
         t = self.transform
+        # The kernel casts the dense and decoder weights to hidden's dtype itself (LayerNorm's stay as they are),
+        # so under autocast only the activation is cast here.
+        (hidden,) = _to_compute_dtype(hidden)
         count = (labels != IGNORE_INDEX).sum()
         if _compiling():
             return (None, *self._static_shape_scores(hidden, labels), count)
@@ -485,11 +531,14 @@ def fusion_report(
     model: nn.Module, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> dict[str, str]:
     """Which path each fused module takes for tensors on `device` (default: where the model's parameters are)
-    in `dtype` (default: the parameters' dtype): {qualified module name: description}. Reference modules that
-    were never swapped are listed as such."""
+    in `dtype` (default: the compute dtype, i.e. autocast's when called under autocast for that device, else the
+    parameters' dtype): {qualified module name: description}. Reference modules that were never swapped are
+    listed as such."""
     first = next(model.parameters(), None)
     device = torch.device(device) if device is not None else (first.device if first is not None else "cpu")
-    dtype = dtype if dtype is not None else (first.dtype if first is not None else torch.float32)
+    if dtype is None:
+        probe = torch.empty(0, device=device, dtype=first.dtype if first is not None else torch.float32)
+        dtype = _to_compute_dtype(probe)[0].dtype
     report: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, FusedLMPredictionHead):
