@@ -1,0 +1,530 @@
+"""Compile every Triton kernel of `kernels/` ahead of time for a CUDA GPU, without a GPU.
+
+    python -m kernels.aot_check [--arch 90] [--quick | --all] [--jobs N] [--kernel SUBSTRING] [--verbose]
+
+Why: the CPU test-suite runs the kernels through Triton's interpreter, which accepts code the real
+compiler rejects (and cannot run bf16 ``tl.dot`` at all). This script runs the real pipeline
+(Triton → TTGIR → LLVM → PTX → ``ptxas``, the ptxas bundled in the triton wheel) for the target
+architecture, sm_90 (H100/H200) by default, for each kernel in each constexpr variant its launcher uses,
+and reports per variant: ok or the compile error, registers per thread, spills, shared memory against the
+per-block limit, warps and stages. Exit status 1 on any compile error (or a fixed launch config over the
+shared-memory limit), 0 otherwise.
+
+What is compiled — the variants are read off the launchers (keep `_variants` in step with them):
+- dtypes fp32 / fp16 / bf16 for the activation pointers; parameter pointers that may stay fp32 under
+  autocast (LayerNorm γ/β and bias, the MLM decoder bias) also in fp32 beside fp16/bf16 activations;
+- every boolean / code constexpr the launchers pass (ACTIVATION, STORE_PRE, SPLIT, DOT_PRECISION, VARLEN,
+  HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH) in the
+  combinations the launchers produce;
+- every autotune config (block sizes, warps, stages), or the launch-config rule's output at the BERT
+  sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
+How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every kernel and dtype, the main
+switch combination, the smallest autotune config (36 compiles, well under a minute on two cores; what the
+test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
+every other combination with the smallest config (555 compiles, about 14 minutes on two cores);
+``--all`` — the full product (1278 compiles). The report lists the problem rows (errors, shared memory
+over the limit, spills) and a per-kernel summary; ``--verbose`` lists every variant.
+
+The signature is built from the kernel's own argument names plus the table `KERNELS` below (pointer
+dtypes, float arguments, unit strides), the same types Triton's launcher derives from the real call:
+Python ints → ``i32``, floats → ``fp32``, an int equal to 1 → the constant 1. Alignment hints (what the
+launcher adds for 16-byte-aligned pointers and ints divisible by 16): every pointer is aligned (fresh
+allocations; the q/k/v views into a packed QKV buffer are at multiples of 64 bytes), and every int is
+a multiple of 16 except those listed as data-dependent in the table (token counts, heads, seeds, V).
+
+Registers and spills come from ``ptxas -v`` (every variant is compiled afresh in a throw-away cache so its
+log exists). Autotuned kernels: a config over the shared-memory limit is reported, not failed — the
+autotuner skips configs that cannot launch. Must run without ``TRITON_INTERPRET=1`` (under the
+interpreter ``@triton.jit`` functions are interpreter objects that cannot be compiled).
+
+Caution: compiling is not running. This proves the kernels build and shows their resource use; numerical
+correctness of the compiled code (bf16 above all) still needs a GPU run of the test-suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import itertools
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+# Max shared memory per block (opt-in), bytes, by compute capability.
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024}
+ACT = "act"  # pointer placeholder: the variant's activation dtype
+PARAM = "param"  # pointer placeholder: the variant's parameter dtype (fp32 master weights under autocast)
+DTYPES = {"fp32": ("fp32",), "fp16": ("fp16", "fp32"), "bf16": ("bf16", "fp32")}  # act -> param dtypes
+HEAD_DIMS = (64, 32, 128)  # first = the one --quick uses
+SEQ_LENS = (128, 512)
+HIDDEN = (768, 1024)
+VOCAB = 30522
+
+
+def _if(flag: str, yes: str, no: str) -> Callable[[dict], str]:
+    """Pointer dtype that depends on a constexpr switch (launchers pass a dummy tensor when it is off)."""
+    return lambda c: yes if c[flag] else no
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table: per kernel, what the arg names alone do not say
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    """`pointers`: arg → ACT, PARAM, a fixed "*fp32"/"*i32"/"*i64"/"*u8", or a function of the constexprs.
+    `floats`: fp32 scalars. `unit`: ints that are 1 at every launch (unit strides: Triton makes them the
+    constant 1). `data_dependent`: ints without the divisible-by-16 hint. Every other non-constexpr arg is
+    an ``i32`` that the launcher sees as a multiple of 16 at BERT sizes."""
+
+    module: str
+    name: str
+    pointers: dict[str, str | Callable[[dict], str]]
+    floats: tuple[str, ...] = ()
+    unit: tuple[str, ...] = ()
+    data_dependent: tuple[str, ...] = ()
+
+
+_MASK_PTR = _if("HAS_MASK", "*u8", ACT)  # bool mask viewed as uint8, else q / scores as a dummy
+_CU_PTR = _if("VARLEN", "*i32", ACT)  # cu_seqlens, else q as a dummy
+_ATTN_INTS = ("H", "Tq", "Tk", "row_stride", "sl_b", "sl_h")  # heads; lengths vary with the batch
+
+KERNELS: dict[str, KernelSpec] = {
+    spec.name: spec
+    for spec in (
+        KernelSpec(
+            "kernels.matmul", "_gemm_bias_act_kernel",
+            {p: ACT for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "y1_ptr", "y2_ptr", "pre_ptr")},
+            unit=("stride_xk", "stride_wk"), data_dependent=("M",),
+        ),
+        KernelSpec("kernels.matmul", "_gelu_backward_kernel", {"dy_ptr": ACT, "z_ptr": ACT, "dz_ptr": ACT}),
+        KernelSpec(
+            "kernels.attention", "_attn_fwd_kernel",
+            {"Q": ACT, "K": ACT, "V": ACT, "O": ACT, "LSE": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
+            floats=("qk_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+        ),
+        KernelSpec(
+            "kernels.attention", "_attn_bwd_delta_kernel",
+            {"O": ACT, "DO": ACT, "DELTA": "*fp32", "CU": _CU_PTR},
+            data_dependent=("H", "Tq", "sl_b", "sl_h"),
+        ),
+        KernelSpec(
+            "kernels.attention", "_attn_bwd_dkdv_kernel",
+            {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DK": ACT, "DV": ACT,
+             "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
+            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+        ),
+        KernelSpec(
+            "kernels.attention", "_attn_bwd_dq_kernel",
+            {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ACT,
+             "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
+            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+        ),
+        KernelSpec(
+            "kernels.softmax_dropout", "_softmax_dropout_fwd_kernel",
+            {"X": ACT, "Y": ACT, "KEEP_KEY": _MASK_PTR},
+            floats=("scale_log2e", "p_drop", "inv_keep"),
+            data_dependent=("H", "Tq", "Tk", "sx_b", "sx_h", "sx_q"),
+        ),
+        KernelSpec(
+            "kernels.softmax_dropout", "_softmax_dropout_bwd_kernel",
+            {"DY": ACT, "SRC": ACT, "DX": ACT, "KEEP_KEY": _MASK_PTR},
+            floats=("scale", "scale_log2e", "p_drop", "inv_keep"),
+            data_dependent=("H", "Tq", "Tk", "ss_b", "ss_h", "ss_q"),
+        ),
+        KernelSpec(
+            "kernels.bias_dropout_add_layernorm", "_bdaln_fwd_kernel",
+            {"x_ptr": ACT, "bias_ptr": _if("HAS_BIAS", PARAM, ACT), "res_ptr": ACT, "gamma_ptr": PARAM,
+             "beta_ptr": PARAM, "y_ptr": ACT, "mean_ptr": "*fp32", "rstd_ptr": "*fp32"},
+            floats=("p", "scale", "eps"), data_dependent=("N", "seed"),
+        ),
+        KernelSpec(
+            "kernels.bias_dropout_add_layernorm", "_bdaln_bwd_kernel",
+            {"dy_ptr": ACT, "x_ptr": ACT, "bias_ptr": _if("HAS_BIAS", PARAM, ACT), "res_ptr": ACT,
+             "gamma_ptr": PARAM, "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "dx_ptr": ACT, "dres_ptr": ACT,
+             "dgamma_part_ptr": "*fp32", "dbeta_part_ptr": "*fp32", "dbias_part_ptr": "*fp32"},
+            floats=("p", "scale"), data_dependent=("N", "seed", "tiles_per_prog"),
+        ),
+        KernelSpec(
+            "kernels.mlm_cross_entropy", "_ce_chunk_kernel",
+            {"logits_ptr": ACT, "bias_ptr": PARAM, "labels_ptr": "*i64", "loss_ptr": "*fp32",
+             "correct_ptr": "*i32"},
+            data_dependent=("V", "stride_row"),
+        ),
+    )
+}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Variants: what each launcher passes
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Variant:
+    kernel: str
+    act: str  # activation dtype, "fp32" / "fp16" / "bf16"
+    param: str  # parameter dtype
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's default when the launcher passes none
+    shapes: str = ""  # the sizes whose launch rule gives this variant
+
+    def label(self) -> str:
+        dt = self.act if self.param == self.act else f"{self.act}/{self.param}"
+        switches = " ".join(f"{k}={_short(v)}" for k, v in self.constexprs.items())
+        return f"{dt} {switches}" + (f" [{self.shapes}]" if self.shapes else "")
+
+
+def _short(v: object) -> str:
+    return {True: "1", False: "0"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+
+def _module(spec: KernelSpec):
+    return importlib.import_module(spec.module)
+
+
+# How much of the launch space to compile:
+#   quick    every kernel and dtype, the main switch combination, the smallest autotune config;
+#   default  every autotune config × every dtype × every head dim for the main switch combinations, and every
+#            other combination the launchers produce with the smallest config, at head dim 64;
+#   all      the full product (about an hour on two cores).
+QUICK, DEFAULT, ALL = "quick", "default", "all"
+
+
+def _autotune_configs(name: str, smallest: bool) -> list[tuple[dict, int, int]]:
+    """(block constexprs, num_warps, num_stages) of every autotune config of kernel `name`, or of the
+    smallest one (fewest tile elements: it compiles fastest)."""
+    spec = KERNELS[name]
+    configs = getattr(_module(spec), spec.name).configs
+    if smallest:
+        configs = [min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_warps, c.num_stages))]
+    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
+
+
+def _tuned(name: str, combos: list[dict], n_main: int, n_quick: int, mode: str, dims: list[dict]):
+    """(combo, dim, config) triples for autotuned kernel `name`. `combos[:n_main]` are the main switch
+    combinations (`combos[:n_quick]` in quick mode); `dims` are the other per-launch choices (dtype, head
+    dim), those with ``_main=False`` compiled only with the main combinations in the default mode."""
+    for i, combo in enumerate(combos[:n_quick] if mode == QUICK else combos):
+        main = i < n_main
+        for dim in dims:
+            if mode == DEFAULT and not main and dim.get("_main") is False:
+                continue
+            for config in _autotune_configs(name, smallest=mode == QUICK or (mode == DEFAULT and not main)):
+                yield combo, dim, config
+
+
+def _gemm_variants(mode: str) -> Iterator[Variant]:
+    # qkv_projection: three-way split, no activation; linear_bias_gelu: GELU erf/tanh, pre-activation
+    # stored when training. fp32 uses IEEE unless torch's float32 matmul precision allows TF32.
+    combos = [dict(ACTIVATION=0, STORE_PRE=False, SPLIT=True), dict(ACTIVATION=1, STORE_PRE=True, SPLIT=False),
+              dict(ACTIVATION=2, STORE_PRE=True, SPLIT=False), dict(ACTIVATION=1, STORE_PRE=False, SPLIT=False),
+              dict(ACTIVATION=2, STORE_PRE=False, SPLIT=False)]  # fmt: skip
+    dims = [dict(dt="fp32", DOT_PRECISION="ieee"), dict(dt="fp16", DOT_PRECISION="tf32"),
+            dict(dt="bf16", DOT_PRECISION="tf32"), dict(dt="fp32", DOT_PRECISION="tf32", _main=False)]  # fmt: skip
+    for combo, dim, (blocks, warps, stages) in _tuned("_gemm_bias_act_kernel", combos, 2, 2, mode,
+                                                      dims[:3] if mode == QUICK else dims):  # fmt: skip
+        constexprs = {**combo, "DOT_PRECISION": dim["DOT_PRECISION"], **blocks}
+        yield Variant("_gemm_bias_act_kernel", dim["dt"], dim["dt"], constexprs, warps, stages)
+
+
+def _gelu_bwd_variants(mode: str) -> Iterator[Variant]:
+    for dt, tanh in itertools.product(DTYPES, (False,) if mode == QUICK else (False, True)):
+        yield Variant("_gelu_backward_kernel", dt, dt, dict(APPROX_TANH=tanh, BLOCK=1024), num_warps=4)
+
+
+def _attn_variants(mode: str) -> Iterator[Variant]:
+    # (VARLEN, HAS_MASK, HAS_DROPOUT) the launchers produce (varlen calls never have a mask); the main ones:
+    # padded with key padding and dropout, and varlen with dropout (training).
+    switches = [(False, True, True), (True, False, True), (False, False, True), (False, True, False),
+                (False, False, False), (True, False, False)]  # fmt: skip
+    combos = [dict(VARLEN=varlen, HAS_MASK=mask, HAS_DROPOUT=drop) for varlen, mask, drop in switches]
+    head_dims = HEAD_DIMS[:1] if mode == QUICK else HEAD_DIMS
+    dims = [dict(dt=dt, d=d, _main=d == HEAD_DIMS[0]) for d in head_dims for dt in DTYPES]
+    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+        for combo, dim, (blocks, warps, stages) in _tuned(name, combos, 2, 1, mode, dims):
+            constexprs = {**combo, "IEEE": dim["dt"] == "fp32", "BLOCK_D": dim["d"], **blocks}
+            yield Variant(name, dim["dt"], dim["dt"], constexprs, warps, stages, shapes=f"d={dim['d']}")
+    # delta pass: fixed launch (BLOCK_M = 64, default warps and stages)
+    for dt, d, varlen in itertools.product(DTYPES, head_dims, (False,) if mode == QUICK else (False, True)):
+        yield Variant("_attn_bwd_delta_kernel", dt, dt, dict(VARLEN=varlen, BLOCK_M=64, BLOCK_D=d), shapes=f"d={d}")
+
+
+def _softmax_variants(mode: str) -> Iterator[Variant]:
+    from kernels.softmax_dropout import _launch_shape
+
+    switches = [(True, True)] if mode == QUICK else list(itertools.product((True, False), repeat=2))
+    for dt, T, (mask, drop) in itertools.product(DTYPES, SEQ_LENS[:1] if mode == QUICK else SEQ_LENS, switches):
+        block_r, block_n, warps = _launch_shape(T, T)
+        blocks = dict(BLOCK_R=block_r, BLOCK_N=block_n)
+        yield Variant("_softmax_dropout_fwd_kernel", dt, dt, dict(HAS_MASK=mask, HAS_DROPOUT=drop, **blocks), warps,
+                      shapes=f"T={T}")  # fmt: skip
+        # backward saves the scores (recomputes P) exactly when there is dropout
+        constexprs = dict(FROM_SCORES=drop, HAS_MASK=mask, HAS_DROPOUT=drop, **blocks)
+        yield Variant("_softmax_dropout_bwd_kernel", dt, dt, constexprs, warps, shapes=f"T={T}")
+
+
+def _dtype_pairs(mode: str) -> Iterator[tuple[str, str]]:
+    """(activation, parameter) dtypes: fp32 parameters beside fp16/bf16 activations too (autocast)."""
+    for act, params in DTYPES.items():
+        for param in params[:1] if mode == QUICK else params:
+            yield act, param
+
+
+def _bdaln_variants(mode: str) -> Iterator[Variant]:
+    from kernels.bias_dropout_add_layernorm import _launch_config
+
+    # (HAS_BIAS, HAS_RES, HAS_DROPOUT): sub-layer tail in training and in eval; MLM-transform LayerNorm.
+    combos = [(True, True, True), (True, True, False), (False, False, False)]
+    for dt, param in _dtype_pairs(mode):
+        for bias, res, drop in combos[:1] if mode == QUICK else combos:
+            for name, backward in (("_bdaln_fwd_kernel", False), ("_bdaln_bwd_kernel", True)):
+                # Hidden sizes whose launch rule gives the same blocks compile to one variant.
+                by_config: dict[tuple[int, int, int], list[int]] = {}
+                for H in HIDDEN:
+                    by_config.setdefault(_launch_config(H, backward), []).append(H)
+                for (block_h, block_m, warps), sizes in by_config.items():
+                    constexprs = dict(HAS_BIAS=bias, HAS_RES=res, HAS_DROPOUT=drop, BLOCK_M=block_m, BLOCK_H=block_h)
+                    yield Variant(name, dt, param, constexprs, warps, shapes="H=" + ",".join(map(str, sizes)))
+
+
+def _ce_variants(mode: str) -> Iterator[Variant]:
+    from kernels.mlm_cross_entropy import BLOCK_V_MAX, NUM_WARPS
+
+    block_v = min(BLOCK_V_MAX, 1 << (VOCAB - 1).bit_length())  # as the launcher: next power of two, capped
+    for dt, param in _dtype_pairs(mode):
+        for grad in (True,) if mode == QUICK else (True, False):
+            constexprs = dict(WRITE_GRAD=grad, BLOCK_V=block_v)
+            yield Variant("_ce_chunk_kernel", dt, param, constexprs, NUM_WARPS, shapes=f"V={VOCAB}")
+
+
+def _variants(mode: str) -> list[Variant]:
+    groups = (_gemm_variants, _gelu_bwd_variants, _attn_variants, _softmax_variants, _bdaln_variants, _ce_variants)
+    return [v for group in groups for v in group(mode)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Signature from the arg names + the table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _jit_function(spec: KernelSpec):
+    obj = getattr(_module(spec), spec.name)
+    fn = obj.fn if hasattr(obj, "configs") else obj  # triton.autotune wraps the JITFunction
+    if not hasattr(fn, "params"):
+        raise RuntimeError(f"{spec.name} is not a JITFunction ({type(fn).__name__}): is TRITON_INTERPRET=1 set?")
+    return fn
+
+
+def build_source_args(v: Variant) -> tuple[object, dict, dict, dict]:
+    """(JITFunction, signature, constexprs, attrs) for `triton.compiler.ASTSource`, as the launcher's call
+    would specialise them. Raises ValueError when the table or the variant disagrees with the kernel."""
+    spec = KERNELS[v.kernel]
+    fn = _jit_function(spec)
+    names = [p.name for p in fn.params]
+    declared = set(spec.pointers) | set(spec.floats) | set(spec.unit) | set(spec.data_dependent)
+    if unknown := declared - set(names):
+        raise ValueError(f"{v.kernel}: the table names args the kernel does not have: {sorted(unknown)}")
+    wanted = {p.name for p in fn.params if p.is_constexpr}
+    if wanted != set(v.constexprs):
+        raise ValueError(f"{v.kernel}: constexprs {sorted(v.constexprs)} != the kernel's {sorted(wanted)}")
+    dtype = {ACT: f"*{v.act}", PARAM: f"*{v.param}"}
+    signature, constexprs, attrs = {}, {}, {}
+    aligned = [["tt.divisibility", 16]]
+    for p in fn.params:
+        name = p.name
+        if p.is_constexpr:
+            signature[name], constexprs[name] = "constexpr", v.constexprs[name]
+        elif name in spec.pointers:
+            ty = spec.pointers[name]
+            ty = ty(v.constexprs) if callable(ty) else ty
+            signature[name] = dtype.get(ty, ty)
+            attrs[(p.num,)] = aligned
+        elif name in spec.floats:
+            signature[name] = "fp32"
+        elif name in spec.unit:
+            signature[name], constexprs[name] = "constexpr", 1
+        else:
+            signature[name] = "i32"
+            if name not in spec.data_dependent and not p.do_not_specialize:
+                attrs[(p.num,)] = aligned
+    return fn, signature, constexprs, attrs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compiling (in worker processes) and reporting
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    error: str = ""
+    registers: int | None = None
+    spill_stores: int = 0
+    spill_loads: int = 0
+    stack: int = 0
+    shared: int = 0
+    seconds: float = 0.0
+    flags: list[str] = field(default_factory=list)
+
+
+_PTXAS = {
+    "registers": re.compile(r"Used (\d+) registers"),
+    "spill_stores": re.compile(r"(\d+) bytes spill stores"),
+    "spill_loads": re.compile(r"(\d+) bytes spill loads"),
+    "stack": re.compile(r"(\d+) bytes stack frame"),
+}
+
+
+def _init_worker(cache_dir: str) -> None:
+    from triton import knobs
+
+    knobs.cache.dir = cache_dir
+    knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    knobs.nvidia.dump_ptxas_log = True  # printed to stdout by the backend: captured below
+
+
+def _compile_one(v: Variant, arch: int) -> Result:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    start = time.perf_counter()
+    log = io.StringIO()
+    try:
+        fn, signature, constexprs, attrs = build_source_args(v)
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+        options = {"num_warps": v.num_warps, "num_stages": v.num_stages}
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as e:  # every failure is a row of the report
+        message = f"{type(e).__name__}: {e}".strip()
+        return Result(v, ok=False, error=message, seconds=time.perf_counter() - start)
+    r = Result(v, ok=True, shared=compiled.metadata.shared, seconds=time.perf_counter() - start)
+    text = log.getvalue()
+    for attr, pattern in _PTXAS.items():
+        if m := pattern.search(text):
+            setattr(r, attr, int(m.group(1)))
+    return r
+
+
+def _row(r: Result, limit: int) -> str:
+    v = r.variant
+    head = f"{v.kernel:<30} {v.label():<92} w{v.num_warps}/s{v.num_stages}"
+    if not r.ok:
+        return f"{head}  COMPILE ERROR"
+    spill = f"{r.spill_stores}/{r.spill_loads}"
+    smem = f"{r.shared:>6} ({r.shared / limit:4.0%})"
+    flags = f"  {' '.join(r.flags)}" if r.flags else ""
+    return f"{head}  ok  regs {r.registers!s:>3}  spill {spill:>11}  smem {smem}  {r.seconds:4.1f}s{flags}"
+
+
+def _classify(r: Result, limit: int, autotuned: bool) -> None:
+    if not r.ok:
+        return
+    if r.shared > limit:
+        r.flags.append("SMEM>LIMIT (autotuner skips)" if autotuned else "SMEM>LIMIT (launch fails)")
+    if r.spill_stores:
+        r.flags.append("HEAVY-SPILL" if r.spill_stores >= 256 else "spills")
+
+
+def toolchain_problem(arch: int = 90) -> str | None:
+    """Why CUDA code cannot be compiled here (no NVIDIA backend, no ptxas), or None when it can."""
+    try:
+        from triton import knobs
+        from triton.backends import backends
+    except Exception as e:  # a broken install: say why
+        return f"triton is not importable: {e}"
+    if "nvidia" not in backends:
+        return "this triton install has no NVIDIA backend"
+    try:
+        tool = knobs.nvidia.ptxas_blackwell if arch >= 100 else knobs.nvidia.ptxas
+    except RuntimeError as e:
+        return f"no ptxas for CUDA in this triton install ({e})"
+    return None if tool else "no ptxas for CUDA in this triton install"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.aot_check", description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
+    parser.add_argument("--quick", action="store_true", help="every kernel and dtype, main variant, one config")
+    parser.add_argument("--all", action="store_true", help="the full product of variants (about an hour)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--verbose", action="store_true", help="print every variant, not only problems")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("aot_check: unset TRITON_INTERPRET (interpreter objects cannot be compiled)", file=sys.stderr)
+        return 2
+    if problem := toolchain_problem(args.arch):
+        print(f"aot_check: {problem}", file=sys.stderr)
+        return 2
+    limit = SHARED_LIMIT.get(args.arch, 227 * 1024)
+    mode = QUICK if args.quick else ALL if args.all else DEFAULT
+    variants = [v for v in _variants(mode) if args.kernel in v.kernel]
+    print(f"aot_check: {len(variants)} kernel variants ({mode}) for sm_{args.arch}, {args.jobs} jobs", flush=True)
+
+    start = time.perf_counter()
+    cache_dir = tempfile.mkdtemp(prefix="aot_check_")
+    try:
+        # spawn: fresh interpreters (no forked LLVM/torch state); the worker count is what the CPU allows.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx, initializer=_init_worker, initargs=(cache_dir,)) as pool:
+            results = []
+            for r in pool.map(_compile_one, variants, itertools.repeat(args.arch)):
+                results.append(r)
+                if len(results) % 50 == 0:
+                    print(f"  {len(results)}/{len(variants)} compiled", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    wall = time.perf_counter() - start
+    return _report(results, limit, args, wall)
+
+
+def _report(results: list[Result], limit: int, args, wall: float) -> int:
+    autotuned = {"_gemm_bias_act_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    for r in results:
+        _classify(r, limit, r.variant.kernel in autotuned)
+    for r in results:
+        if args.verbose or not r.ok or r.flags:
+            print(_row(r, limit))
+            if not r.ok:
+                lines = r.error.splitlines()  # Triton's message: source excerpt first, the reason last
+                lines = lines if len(lines) <= 40 else [*lines[:8], "...", *lines[-30:]]
+                print("    " + "\n    ".join(lines))
+    print(f"\nsummary (sm_{args.arch}, shared-memory limit {limit} bytes per block):")
+    print(f"{'kernel':<30} {'variants':>8} {'ok':>5} {'errors':>6} {'smem>lim':>8} {'spilling':>8} "
+          f"{'regs min-max':>12} {'smem max':>9} {'compile s':>9}")  # fmt: skip
+    for name in KERNELS:
+        rs = [r for r in results if r.variant.kernel == name]
+        if not rs:
+            continue
+        ok = [r for r in rs if r.ok]
+        regs = [r.registers for r in ok if r.registers is not None]
+        reg_range = f"{min(regs)}-{max(regs)}" if regs else "-"
+        print(f"{name:<30} {len(rs):>8} {len(ok):>5} {len(rs) - len(ok):>6} "
+              f"{sum(r.shared > limit for r in ok):>8} {sum(r.spill_stores > 0 for r in ok):>8} {reg_range:>12} "
+              f"{max((r.shared for r in ok), default=0):>9} {sum(r.seconds for r in rs):>9.1f}")  # fmt: skip
+    errors = [r for r in results if not r.ok]
+    fatal_smem = [r for r in results if r.ok and r.shared > limit and r.variant.kernel not in autotuned]
+    print(f"\n{len(results)} variants, {len(errors)} compile errors, wall {wall:.1f} s")
+    return 1 if errors or fatal_smem else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
