@@ -16,13 +16,14 @@ What is compiled — the variants are read off the launchers (keep `_variants` i
 - every boolean / code constexpr the launchers pass (ACTIVATION, STORE_PRE, SPLIT, DOT_PRECISION, VARLEN,
   HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH) in the
   combinations the launchers produce;
-- every autotune config (block sizes, warps, stages), or the launch-config rule's output at the BERT
-  sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
+- every autotune config (block sizes, warps, stages) the kernel's autotuner keeps for that dtype / head dim /
+  epilogue (its ``early_config_prune``, called here on stand-in tensors), or the launch-config rule's output at
+  the BERT sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
 How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every kernel and dtype, the main
 switch combination, the smallest autotune config (36 compiles, well under a minute on two cores; what the
 test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
-every other combination with the smallest config (555 compiles, about 14 minutes on two cores);
-``--all`` — the full product (1278 compiles). The report lists the problem rows (errors, shared memory
+every other combination with the smallest config (538 compiles, a few minutes on two cores);
+``--all`` — the full product (1227 compiles). The report lists the problem rows (errors, shared memory
 over the limit, spills) and a per-kernel summary; ``--verbose`` lists every variant.
 
 The signature is built from the kernel's own argument names plus the table `KERNELS` below (pointer
@@ -203,27 +204,52 @@ def _module(spec: KernelSpec):
 QUICK, DEFAULT, ALL = "quick", "default", "all"
 
 
-def _autotune_configs(name: str, smallest: bool) -> list[tuple[dict, int, int]]:
-    """(block constexprs, num_warps, num_stages) of every autotune config of kernel `name`, or of the
-    smallest one (fewest tile elements: it compiles fastest)."""
+_TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "u8": "uint8", "i32": "int32",
+                "i64": "int64"}  # fmt: skip
+
+
+def _stand_in_args(spec: KernelSpec, act: str, constexprs: dict) -> dict:
+    """Empty CPU tensors of the launch's pointer dtypes, by arg name: what an `early_config_prune` reads."""
+    import torch
+
+    args = {}
+    for name, ty in spec.pointers.items():
+        ty = ty(constexprs) if callable(ty) else ty
+        ty = act if ty in (ACT, PARAM) else ty.lstrip("*")  # autotuned kernels: parameters share the act dtype
+        args[name] = torch.empty(0, dtype=getattr(torch, _TORCH_DTYPE[ty]))
+    return args
+
+
+def _autotune_configs(name: str, smallest: bool, act: str, constexprs: dict) -> list[tuple[dict, int, int]]:
+    """(block constexprs, num_warps, num_stages) of every autotune config kernel `name` tries for a launch with
+    activation dtype `act` and these switch constexprs, or of the smallest one (fewest tile elements: it compiles
+    fastest). The configs come from the kernel's own autotuner, through its `early_config_prune` (the per-dtype /
+    head-dim / epilogue lists of the launchers) when it has one: what is compiled is what will be tried."""
     spec = KERNELS[name]
-    configs = getattr(_module(spec), spec.name).configs
+    tuner = getattr(_module(spec), spec.name)
+    configs = tuner.configs
+    if tuner.early_config_prune is not None:
+        configs = tuner.early_config_prune(configs, _stand_in_args(spec, act, constexprs), **constexprs)
     if smallest:
         configs = [min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_warps, c.num_stages))]
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
 
 
-def _tuned(name: str, combos: list[dict], n_main: int, n_quick: int, mode: str, dims: list[dict]):
-    """(combo, dim, config) triples for autotuned kernel `name`. `combos[:n_main]` are the main switch
-    combinations (`combos[:n_quick]` in quick mode); `dims` are the other per-launch choices (dtype, head
-    dim), those with ``_main=False`` compiled only with the main combinations in the default mode."""
+def _tuned(name: str, combos: list[dict], n_main: int, n_quick: int, mode: str, dims: list[dict],
+           switches: Callable[[dict, dict], dict]):  # fmt: skip
+    """(switch constexprs, dim, config) triples for autotuned kernel `name`. `combos[:n_main]` are the main
+    switch combinations (`combos[:n_quick]` in quick mode); `dims` are the other per-launch choices (dtype, head
+    dim), those with ``_main=False`` compiled only with the main combinations in the default mode;
+    `switches(combo, dim)` gives the launch's non-block constexprs."""
     for i, combo in enumerate(combos[:n_quick] if mode == QUICK else combos):
         main = i < n_main
         for dim in dims:
             if mode == DEFAULT and not main and dim.get("_main") is False:
                 continue
-            for config in _autotune_configs(name, smallest=mode == QUICK or (mode == DEFAULT and not main)):
-                yield combo, dim, config
+            constexprs = switches(combo, dim)
+            smallest = mode == QUICK or (mode == DEFAULT and not main)
+            for config in _autotune_configs(name, smallest, dim["dt"], constexprs):
+                yield constexprs, dim, config
 
 
 def _gemm_variants(mode: str) -> Iterator[Variant]:
@@ -234,10 +260,11 @@ def _gemm_variants(mode: str) -> Iterator[Variant]:
               dict(ACTIVATION=2, STORE_PRE=False, SPLIT=False)]  # fmt: skip
     dims = [dict(dt="fp32", DOT_PRECISION="ieee"), dict(dt="fp16", DOT_PRECISION="tf32"),
             dict(dt="bf16", DOT_PRECISION="tf32"), dict(dt="fp32", DOT_PRECISION="tf32", _main=False)]  # fmt: skip
-    for combo, dim, (blocks, warps, stages) in _tuned("_gemm_bias_act_kernel", combos, 2, 2, mode,
-                                                      dims[:3] if mode == QUICK else dims):  # fmt: skip
-        constexprs = {**combo, "DOT_PRECISION": dim["DOT_PRECISION"], **blocks}
-        yield Variant("_gemm_bias_act_kernel", dim["dt"], dim["dt"], constexprs, warps, stages)
+    launch_switches = lambda combo, dim: {**combo, "DOT_PRECISION": dim["DOT_PRECISION"]}
+    dims = dims[:3] if mode == QUICK else dims
+    for constexprs, dim, (blocks, warps, stages) in _tuned("_gemm_bias_act_kernel", combos, 2, 2, mode, dims,
+                                                           launch_switches):  # fmt: skip
+        yield Variant("_gemm_bias_act_kernel", dim["dt"], dim["dt"], {**constexprs, **blocks}, warps, stages)
 
 
 def _gelu_bwd_variants(mode: str) -> Iterator[Variant]:
@@ -253,10 +280,10 @@ def _attn_variants(mode: str) -> Iterator[Variant]:
     combos = [dict(VARLEN=varlen, HAS_MASK=mask, HAS_DROPOUT=drop) for varlen, mask, drop in switches]
     head_dims = HEAD_DIMS[:1] if mode == QUICK else HEAD_DIMS
     dims = [dict(dt=dt, d=d, _main=d == HEAD_DIMS[0]) for d in head_dims for dt in DTYPES]
+    launch_switches = lambda combo, dim: {**combo, "IEEE": dim["dt"] == "fp32", "BLOCK_D": dim["d"]}
     for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
-        for combo, dim, (blocks, warps, stages) in _tuned(name, combos, 2, 1, mode, dims):
-            constexprs = {**combo, "IEEE": dim["dt"] == "fp32", "BLOCK_D": dim["d"], **blocks}
-            yield Variant(name, dim["dt"], dim["dt"], constexprs, warps, stages, shapes=f"d={dim['d']}")
+        for constexprs, dim, (blocks, warps, stages) in _tuned(name, combos, 2, 1, mode, dims, launch_switches):
+            yield Variant(name, dim["dt"], dim["dt"], {**constexprs, **blocks}, warps, stages, shapes=f"d={dim['d']}")
     # delta pass: fixed launch (BLOCK_M = 64, default warps and stages)
     for dt, d, varlen in itertools.product(DTYPES, head_dims, (False,) if mode == QUICK else (False, True)):
         yield Variant("_attn_bwd_delta_kernel", dt, dt, dict(VARLEN=varlen, BLOCK_M=64, BLOCK_D=d), shapes=f"d={d}")

@@ -92,17 +92,97 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # --------------------------------------------------------------------------------------------------------
 
 
-def _configs(fwd: bool) -> list[triton.Config]:
-    """Hopper-oriented configs; a single small one under the interpreter (autotuning there is slow)."""
+# Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper (sm_90), one list per kernel, dtype class
+# (fp32 / 16-bit) and BLOCK_D. Chosen from compile-time data only — `python -m kernels.aot_check` (registers,
+# spills, shared memory from the ptxas bundled with triton) — NOT from GPU timings: a GPU session must still time
+# them and may drop slow ones. Rule: in the main switch combinations (key padding + dropout, varlen + dropout) no
+# config in a list spills more than a few bytes or needs more than the 227 KB of shared memory per block.
+# What the data showed:
+# - fp32 (IEEE dots: FMAs, no tensor cores) needs far more registers: most tiles of 64 rows or more spill
+#   kilobytes from d = 64, and which small tiles stay clean is irregular (forward 32×32 with 8 warps spills at
+#   d = 128 while 32×64 does not). fp32 is the exactness path, not the fast one: small tiles only.
+# - fp16/bf16: register use grows with BLOCK_D. In dK/dV (BLOCK_N keys per program, BLOCK_M query rows per step)
+#   two fp32 [BLOCK_N, d] accumulators live beside K and V: 128×64 and 64×128 spill hundreds of bytes from d = 64,
+#   4-warp 64×64 a few; 8 warps (two warpgroups) halve the registers per thread and make 128×32, 64×32, 32×128
+#   and 64×64 (3-4 stages, d = 64; 4 B of spill in the varlen variant, kept) clean. 128-row tiles stay where
+#   they are clean: forward 128×64 with 8 warps (4 warps spill from d = 64), dQ 128×64 with 8 warps.
+# Head dims 16 and 32 share the BLOCK_D = 32 lists (d = 16 is not compiled separately: a smaller BLOCK_D should
+# only lower register use).
+_TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 32): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
+                  (64, 128, 4, 2), (128, 32, 4, 3)],
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+                  (64, 64, 4, 4), (64, 128, 4, 2)],
+    ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
+                   (64, 64, 4, 4), (64, 32, 4, 3)],
+    ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
+                   (32, 128, 8, 2), (64, 32, 4, 3)],
+    ("dkdv", 64): [(64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 2), (128, 32, 8, 3), (32, 64, 4, 3),
+                   (32, 128, 8, 2), (64, 32, 8, 2)],
+    ("dkdv", 128): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2),
+                    (32, 64, 8, 3), (32, 128, 8, 2)],
+    ("dq", 32): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                 (32, 64, 4, 3)],
+    ("dq", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                 (64, 64, 8, 3), (32, 128, 8, 2)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
+                  (64, 32, 8, 2)],
+}  # fmt: skip
+_TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
+    ("fwd", 32): [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
+    ("fwd", 64): [(64, 32, 8, 3), (32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
+    ("fwd", 128): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    ("dkdv", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("dkdv", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+    ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dq", 32): [(32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 3)],
+    ("dq", 64): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("dq", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+}  # fmt: skip
+# The interpreter runs every config in numpy: one small tile keeps the CPU tests fast.
+_INTERPRETER_TILE = (64, 32, 4, 1)
+
+
+def _config(tile: tuple[int, int, int, int]) -> triton.Config:
+    m, n, w, s = tile
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+
+
+def _tile(c: triton.Config) -> tuple[int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages
+
+
+def attn_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for `kernel` ("fwd", "dkdv", "dq") at this
+    dtype and BLOCK_D; the single interpreter tile under TRITON_INTERPRET=1."""
     if interpreter_on():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    if fwd:
-        shapes = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
-                  (64, 128, 4, 2), (128, 32, 4, 3)]  # fmt: skip
-    else:
-        shapes = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 8, 2), (64, 128, 8, 2), (128, 128, 8, 2),
-                  (32, 64, 4, 3)]  # fmt: skip
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
+        return [_INTERPRETER_TILE]
+    table = _TILES_FP32 if dtype == torch.float32 else _TILES_16BIT
+    return table[(kernel, max(block_d, 32))]
+
+
+def _configs(kernel: str) -> list[triton.Config]:
+    """Every config `kernel` may use (the union over dtypes and head dims); `_prune` picks the launch's list."""
+    if interpreter_on():
+        return [_config(_INTERPRETER_TILE)]
+    tables = (_TILES_16BIT, _TILES_FP32)
+    tiles = [t for table in tables for (name, _), ts in table.items() if name == kernel for t in ts]
+    return [_config(t) for t in dict.fromkeys(tiles)]  # the union, without duplicates
+
+
+def _prune(kernel: str):
+    """`early_config_prune` for `kernel`: keep the configs of the launch's dtype (Q's) and BLOCK_D.
+
+    Why a prune function rather than one autotuned wrapper per list: one kernel object per kernel, the launchers
+    stay unchanged, and `kernels.aot_check` calls this same function to compile exactly what will be tried.
+    The autotune cache key needs no extra entry: it holds D (hence BLOCK_D), and Triton appends the dtype of
+    every tensor argument to it."""
+
+    def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+        wanted = set(attn_tiles(kernel, named_args["Q"].dtype, kwargs["BLOCK_D"]))
+        return [c for c in configs if _tile(c) in wanted]
+
+    return prune
 
 
 def _seq_bucket(n: int) -> int:
@@ -143,7 +223,11 @@ def _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr):
     return ok
 
 
-@triton.autotune(configs=_configs(fwd=True), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.autotune(
+    configs=_configs("fwd"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("fwd")},
+)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KEEP_KEY, CU, seed,
@@ -235,7 +319,11 @@ def _attn_bwd_delta_kernel(
 #   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / (1-p)      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
 #   dQ = scale · dS·K      dK = scale · dSᵀ·Q
 # P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp.
-@triton.autotune(configs=_configs(fwd=False), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.autotune(
+    configs=_configs("dkdv"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("dkdv")},
+)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
@@ -300,7 +388,11 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_base + out_offs, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
-@triton.autotune(configs=_configs(fwd=False), key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"])
+@triton.autotune(
+    configs=_configs("dq"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("dq")},
+)
 @triton.jit(do_not_specialize=["seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KEEP_KEY, CU, seed,

@@ -41,25 +41,70 @@ ACT_GELU_TANH = 2
 GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # `approximate=` value -> activation code
 
 
-def _autotune_configs() -> list[triton.Config]:
+# Autotune configs (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for Hopper (sm_90), by operand kind and
+# epilogue. Chosen from compile-time data only — `python -m kernels.aot_check` (registers, spills, shared memory
+# from the ptxas bundled with triton), NOT from GPU timings; a GPU session must still time them. Rule: nothing in
+# a list spills more than a few bytes or needs more than the 227 KB of shared memory per block. What the data
+# showed:
+# - fp16/bf16 without activation (QKV split, plain linear): wgmma-sized tiles, 128×256 for the big BERT GEMMs and
+#   64-wide for small M or N, all clean.
+# - with the GELU epilogue (+ stored pre-activation) the fp32 epilogue math pushes 4-warp 128×128 and 128×256
+#   (even with 16 warps, for erf) to 255 registers and 16-320 B of spills; 8-warp 128×128 and 64×256 stay clean.
+# - fp32 with TF32: operands take twice the shared memory, so BLOCK_K = 32 for the big tiles (128×256×64 with 3
+#   stages needs 288 KB); with GELU, 128×256 and 4-warp 128×128 spill ~520 B.
+# - fp32 exact (IEEE, FMA, no tensor cores): the 16-bit tiles spill heavily; small tiles only (128×128×32
+#   with 8 warps sits at 250-255 registers and spills with GELU: left out).
+_TILES: dict[tuple[str, bool], list[tuple[int, int, int, int, int]]] = {  # (operands, GELU epilogue) -> tiles
+    ("16bit", False): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+                       (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)],
+    ("16bit", True): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
+                      (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    ("tf32", False): [(128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 4, 4),
+                      (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    ("tf32", True): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
+                     (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
+    ("ieee", False): [(128, 64, 32, 8, 2), (64, 128, 32, 8, 2), (64, 64, 32, 4, 2), (64, 64, 16, 4, 2),
+                      (64, 32, 32, 4, 2), (32, 64, 32, 4, 2)],
+}  # fmt: skip
+_TILES["ieee", True] = _TILES["ieee", False]  # the FMA path's tiles are clean with or without GELU
+# The interpreter runs every config in numpy: one small tile keeps CPU tests fast, and 32 still leaves tails
+# in both dimensions for the odd test shapes.
+_INTERPRETER_TILE = (32, 32, 32, 4, 3)
+
+
+def _config(tile: tuple[int, int, int, int, int], group_m: int = 8) -> triton.Config:
+    bm, bn, bk, w, s = tile
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=w, num_stages=s)
+
+
+def _tile(c: triton.Config) -> tuple[int, int, int, int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+
+def gemm_tiles(dtype: torch.dtype, dot_precision: str, activation: int) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) the autotuner tries for this operand dtype, dot
+    precision ("ieee" / "tf32", only read for fp32) and activation code; the interpreter tile under
+    TRITON_INTERPRET=1."""
     if interpreter_on():
-        # The interpreter runs every config in numpy: one small tile keeps CPU tests fast, and 32 still
-        # leaves tails in both dimensions for the odd test shapes.
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4)]
-    # Hopper (sm_90): wgmma-sized tiles; 128x256 for the big BERT GEMMs, 64-wide for small M or N.
-    shapes = [
-        (128, 256, 64, 8, 3),
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (128, 128, 32, 4, 4),
-    ]
-    return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in shapes
-    ]
+        return [_INTERPRETER_TILE]
+    operands = dot_precision if dtype == torch.float32 else "16bit"
+    return _TILES[operands, activation != ACT_NONE]
+
+
+def _autotune_configs() -> list[triton.Config]:
+    """Every config the GEMM may use (the union of `_TILES`); `_prune` picks the launch's list."""
+    if interpreter_on():
+        return [_config(_INTERPRETER_TILE, group_m=4)]
+    return [_config(t) for t in dict.fromkeys(t for tiles in _TILES.values() for t in tiles)]
+
+
+def _prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """`early_config_prune`: keep the configs of the launch's operand dtype (x's), precision and activation.
+
+    Why a prune function rather than one autotuned wrapper per list: one kernel object, an unchanged launcher,
+    and `kernels.aot_check` calls this same function to compile exactly what will be tried."""
+    wanted = set(gemm_tiles(named_args["x_ptr"].dtype, kwargs["DOT_PRECISION"], kwargs["ACTIVATION"]))
+    return [c for c in configs if _tile(c) in wanted]
 
 
 @triton.jit
@@ -85,7 +130,13 @@ def _mma_step(acc, x_ptrs, w_ptrs, offs_k, k_left, mask_m, mask_n, DOT_PRECISION
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["M", "N", "K"])
+# Key: the shape, and the launch switches the config lists depend on; Triton appends every tensor argument's
+# dtype to the key itself.
+@triton.autotune(
+    configs=_autotune_configs(),
+    key=["M", "N", "K", "ACTIVATION", "STORE_PRE", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _gemm_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, y1_ptr, y2_ptr, pre_ptr,
