@@ -38,10 +38,10 @@ autocast's dtype.
 
 Q, K, V parameters. The modules keep Hugging Face's separate `query`, `key`, `value` Linears and concatenate the
 weights at forward time for the one fused GEMM. The copy moves ``3·H² + 3H`` elements (7 MB at H = 768 in bf16:
-a few µs) against the GEMM's ``6·B·T·H²`` FLOPs (116 GFLOP, ~150 µs at B·T = 32768 on an H200), about 2% of the
-projection at training batch sizes (more for small inference batches), and its backward is a free split of the
-gradient. In exchange the parameters, the optimizer state and every checkpoint stay identical to the reference's —
-no state-dict hooks, no two layouts to keep in sync.
+a few µs) against the GEMM's ``6·B·T·H²`` FLOPs (116 GFLOP at B·T = 32768: ~150 µs at an H200's bf16 ceiling) —
+by that estimate (not a measurement) about 2% of the projection at training batch sizes, more for small inference
+batches; its backward is a free split of the gradient. In exchange the parameters, the optimizer state and every
+checkpoint stay identical to the reference's — no state-dict hooks, no two layouts to keep in sync.
 
 Embeddings stay the reference's: BERT applies their dropout after the LayerNorm, while
 `bias_dropout_add_layernorm` drops before it, so only the LayerNorm itself would fuse — no saving over
