@@ -252,6 +252,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         env = BenchEnv(torch.device(args.device or "cuda"), f"dry run for {args.device or 'cuda'}", versions(),
                        git_commit(), "dry-run")
         print(f"fastbert-bench --dry-run: what a run on {env.device.type} would measure", flush=True)
+        if args.ceilings_only:
+            print("  the device ceilings only (bf16 matmul TFLOP/s, copy GB/s)")
+            return 0
         try:
             lines = describe_plan(env, plan)
         except ValueError as e:

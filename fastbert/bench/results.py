@@ -166,7 +166,8 @@ def format_table(rows: Sequence[Row], env: BenchEnv) -> str:
         table = [cols]
         for r in measured:
             table.append((
-                r.case if fam in ("train", "inference") else f"{r.case} {r.size} {_short_shape(r.shape)}", r.candidate, r.mode,
+                r.case if fam in ("train", "inference") else f"{r.case} {r.size} {_short_shape(r.shape)}",
+                r.candidate, r.mode,
                 _fmt(r.ms, ".3f"), _fmt(r.speedup, ".2f"), _fmt(r.vs_peer, ".2f"), _fmt(r.tflops, ".3g"),
                 _fmt(r.gbps, ".3g"),
                 _fmt(r.pct_ceiling, ".1f"), _fmt(r.seq_per_s, ".1f"),
