@@ -200,8 +200,10 @@ def _encode_fn(name: str, model: Any, batch: dict[str, torch.Tensor], texts: lis
 
 def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds: int = 3, rep_ms: float = 200.0,
                         cpu_reps: int = 3, allow_compile: bool = True, allow_hf: bool = True,
-                        only: Sequence[str] | None = None) -> list[Row]:
-    """Every case's candidates interleaved; cases of one model share the models (built once)."""
+                        only: Sequence[str] | None = None,
+                        callables: dict[str, Callable[[], Any]] | None = None) -> list[Row]:
+    """Every case's candidates interleaved; cases of one model share the models (built once). `callables`
+    receives each working candidate's call of the last case (models kept alive), as in `run_op_case`."""
     names, skipped = inference_candidates(env, allow_compile=allow_compile, allow_hf=allow_hf, only=only)
     rows: list[Row] = []
     dt = str(env.dtype).replace("torch.", "")
@@ -256,6 +258,9 @@ def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds
                     except Exception as e:
                         r.note = f"memory: {_short_error(e)}"
                 rows.append(r)
+            if callables is not None:
+                callables.clear()
+                callables.update(fns)
             del fns, batch
         del models
         free_memory(env.device)
