@@ -174,7 +174,8 @@ def _build(names: Sequence[str], cfg: BertConfig, env: BenchEnv, errors: dict[st
             elif n == "hf-sdpa+optimize":
                 from ..optimize import optimize
 
-                models[n] = optimize(copy.deepcopy(hf)).eval()
+                m = copy.deepcopy(hf)
+                models[n] = (optimize(m) or m).eval()
             elif n == peers.SENTENCE_TRANSFORMERS:
                 models[n] = _sentence_transformer(hf, env)
         except Exception as e:
