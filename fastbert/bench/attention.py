@@ -139,5 +139,6 @@ def attention_case(env: BenchEnv, size: str, B: int, T: int, h: int, d: int, *, 
 
     return OpCase("attention", "attention", size, f"B={B} T={T} h={h} d={d} p={p} padded T/2..T", dtype, make,
                   cands, skipped, baseline="sdpa" if env.cuda else "eager", dropout_p=p,
-                  flops=attention_flops(B, T, h, d), flop_factor=dict(BWD_FLOP_FACTOR), real=real, notes=notes)
+                  flops=attention_flops(B, T, h, d), flop_factor=dict(BWD_FLOP_FACTOR), real=real, notes=notes,
+                  no_parity=(peers.SDPA_FLASH,))
 

@@ -69,6 +69,7 @@ class OpCase:
     real: Callable[[str, tuple[torch.Tensor, ...], dict[str, Any]], torch.Tensor] | None = None
     notes: dict[str, str] = field(default_factory=dict)  # candidate → what a reader must know about its figure
     fwd_only: dict[str, str] = field(default_factory=dict)  # candidate → why it has no backward (fwd mode only)
+    no_parity: tuple[str, ...] = ()  # candidates that compute something else on purpose (no mask, say)
 
     @property
     def label(self) -> str:
@@ -130,8 +131,9 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, rounds: int = 3,
                 rep_ms: float = 100.0, cpu_reps: int = 5, only: Sequence[str] | None = None,
                 callables: dict[str, Callable[[], Any]] | None = None) -> list[Row]:
-    """Measure every candidate of `case` in each mode, interleaved; parity of the fastbert candidates
-    against the baseline at dropout 0 (a sanity gate: the tests in tests/kernels are the real check).
+    """Measure every candidate of `case` in each mode, interleaved; parity of every candidate (but those in
+    `case.no_parity`) against the baseline at dropout 0 (a sanity gate: the tests in tests/kernels are the real
+    check for fastbert's; for a peer it catches a wrong layout or argument before its time is believed).
     `callables`, when given, receives each working candidate's forward+backward call (inputs kept alive),
     for a caller that times one of them again (the pytest-benchmark suite)."""
     dev, dt = env.device, str(case.dtype).replace("torch.", "")
@@ -185,12 +187,12 @@ def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, ro
         try:
             ref = real(case.baseline, case.candidates[case.baseline](inp, 0.0), inp).detach()
             for n in live:
-                if n.startswith("fastbert"):
+                if n != case.baseline and n not in case.no_parity:
                     err = _rel_err(real(n, case.candidates[n](inp, 0.0), inp), ref)
                     parity[n] = f"{'ok' if err <= tol else 'FAIL'} {err:.1e}"
         except Exception as e:
             for n in live:
-                if n.startswith("fastbert"):
+                if n != case.baseline and n not in case.no_parity and n not in parity:
                     parity[n] = f"error {_short_error(e)}"
 
     for mode in modes:

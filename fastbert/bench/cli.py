@@ -185,11 +185,14 @@ def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
                                          allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                          only=plan.candidates))
     if "inference" in plan.families:
-        cases = default_inference_cases(env, plan)
-        log(f"  measuring {', '.join(c.label for c in cases)} ...")
-        rows += done(run_inference_cases(cases, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
-                                         allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                         only=plan.candidates))
+        by_model: dict[str, list[InferenceCase]] = {}
+        for c in default_inference_cases(env, plan):
+            by_model.setdefault(c.model, []).append(c)
+        for group in by_model.values():  # one group = one set of models; rows kept as each group finishes
+            log(f"  measuring {', '.join(c.label for c in group)} ...")
+            rows += done(run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
+                                             allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                             only=plan.candidates))
     return rows
 
 
