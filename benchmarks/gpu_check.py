@@ -287,7 +287,8 @@ def peer_lines(rows: list[dict]) -> list[str]:
 
 
 def append_results(out: Path, log) -> None:
-    """$OUT's CSVs appended to benchmarks/results/ of this working tree (header once), when they differ."""
+    """$OUT's CSV rows measured on CUDA appended to benchmarks/results/ of this working tree (header once), when
+    the two folders differ (a --allow-cpu run's rows stay under $OUT: CPU figures are no results)."""
     if out.resolve() == RESULTS.resolve():
         return
     sys.path.insert(0, str(ROOT))
@@ -297,7 +298,7 @@ def append_results(out: Path, log) -> None:
         src = out / name
         if src.exists():
             with open(src, encoding="utf-8", newline="") as f:
-                rows = list(csv.DictReader(f))
+                rows = [r for r in csv.DictReader(f) if r.get("device") == "cuda"]
             if rows:
                 log(f"appended {len(rows)} rows to {append_csv(RESULTS / name, rows)}")
 
