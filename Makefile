@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastbert-installed
 
-.PHONY: setup pretrain test lint bench gpu-check clean
+.PHONY: setup pretrain test lint bench gpu-check gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -40,6 +40,13 @@ bench: $(STAMP)
 # The single call a session with a lent GPU makes (see GPU.md in the design notes and benchmarks/README.md).
 gpu-check:
 	PYTHONPATH=. python benchmarks/gpu_check.py
+
+# Pure-Python wheels the GPU check needs beyond the GPU image (torch, triton, transformers are there), for
+# Python 3.12, into the ignored .gpu-wheels/: carry that folder with the working tree to the GPU machine.
+GPU_WHEELS := liger-kernel==0.8.5
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux2014_x86_64 --platform any -d .gpu-wheels $(GPU_WHEELS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -2,7 +2,7 @@
 
 from .config import PRESETS, BertConfig
 from .fused import apply_fusions, fusion_report
-from .modeling import (
+from .models import (
     BertForMaskedLM,
     BertForPreTraining,
     BertForQuestionAnswering,

@@ -14,6 +14,10 @@ NVIDIA's PyTorch port) and uses Hugging Face's module names, so `state_dict` key
 Attention masks are `[B, T]` with 1 (True) for real tokens. A fully padded row attends uniformly over its
 (padding) keys, as Hugging Face's eager attention does: finite, never NaN. (Hugging Face's default SDPA path
 gives such a row a zero attention context instead; real rows agree either way.)
+
+The models here are the reference whatever the config's `fused_*` / `unpad` flags say: the classes users import
+(`fastbert.BertModel`, ..., defined in `fastbert/models.py`) build these and swap in the fused layers the flags
+ask for. This module never imports `fastbert.fused` (which imports it).
 """
 
 from __future__ import annotations
@@ -339,18 +343,10 @@ class BertPreTrainedModel(nn.Module):
         self.config = config
 
     def init_weights(self) -> None:
-        """Original-BERT init, tie the decoder, then swap in the fused modules the config's flags ask for."""
-        from .fused import apply_fusions  # late import: fused imports this module
-
+        """Original-BERT init, then tie the decoder. (The fused modules are swapped in one level up, by the
+        model classes of `fastbert.models`; this module never imports `fastbert.fused`.)"""
         self.apply(self._init_module)
         self.tie_weights()
-        apply_fusions(self)
-
-    def fusion_report(self, device: torch.device | str | None = None) -> dict[str, str]:
-        """Which path (fused kernel or reference) each module takes for tensors on `device`."""
-        from .fused import fusion_report
-
-        return fusion_report(self, device)
 
     def _init_module(self, module: nn.Module) -> None:
         std = self.config.initializer_range

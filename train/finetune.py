@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from fastbert.config import FUSION_FLAGS, BertConfig
-from fastbert.modeling import BertForQuestionAnswering, BertForSequenceClassification
+from fastbert.models import BertForQuestionAnswering, BertForSequenceClassification
 from fastbert.tokenizer import Tokenizer
 
 from . import squad as squad_lib

@@ -47,7 +47,7 @@ from torch import nn
 
 from fastbert.config import BertConfig
 from fastbert.flops import train_flops_per_token
-from fastbert.modeling import BertForPreTraining
+from fastbert.models import BertForPreTraining
 
 from . import distributed
 from .checkpointing import (
