@@ -6,8 +6,9 @@
    compare the reference with itself. The header says what was forced.
 2. Launch spy (tests/helpers.py). Every Triton launch is recorded. A test under tests/kernels/, or one of the
    fused-model tests (``KERNEL_TESTS``), fails unless it launched a Triton kernel — of its own op module when
-   the file names one (``test_<op>.py`` → ``kernels.<op>``, or a probe kernel in the test file) — except tests marked ``reference_path`` (they
-   mean to exercise the PyTorch fallback) or ``no_kernel`` (argument checks, compile-only checks).
+   the file names one (``test_<op>.py`` → ``kernels.<op>``; or a probe kernel in the test file) — except
+   tests marked ``reference_path`` (they mean to exercise the PyTorch fallback) or ``no_kernel`` (argument
+   checks, compile-only checks).
 3. No quiet skips. Under ``FASTBERT_STRICT=1`` (CI: .ci/run) a missing requirement fails instead of skipping
    (``tests.helpers.require``) and, on a machine without CUDA, the run fails if any skip is not a
    ``gpu``-marked test.
@@ -135,7 +136,7 @@ _BAD_SKIPS: list[str] = []  # "nodeid: reason" of every skip of a test not marke
 
 
 def _record_skip(report) -> None:
-    if report.skipped and "gpu" not in report.keywords:
+    if report.skipped and "gpu" not in getattr(report, "keywords", {}):  # a CollectReport has none
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         _BAD_SKIPS.append(f"{report.nodeid}: {reason}")
 

@@ -59,7 +59,7 @@ def missing(reason: str) -> NoReturn:
     """Skip the test for `reason` — or, under FASTBERT_STRICT=1, fail it."""
     if strict():
         pytest.fail(f"{reason} ({STRICT_ENV}=1: a missing requirement fails the run)", pytrace=False)
-    pytest.skip(reason)
+    pytest.skip(reason, allow_module_level=True)
 
 
 def require(name: str) -> Any:
@@ -67,15 +67,13 @@ def require(name: str) -> Any:
     offline resource of `fastbert.resources` by its name (returns its path: "minilm", "wiki_corpus", ...)."""
     from fastbert.resources import _RESOURCES, ResourceNotFound, resource_path
 
-    if name in _RESOURCES:
-        try:
-            return resource_path(name)
-        except ResourceNotFound as e:
-            missing(str(e))
     try:
-        return importlib.import_module(name)
+        return resource_path(name) if name in _RESOURCES else importlib.import_module(name)
+    except ResourceNotFound as e:
+        why = str(e)
     except ImportError as e:
-        missing(f"cannot import {name!r}: {e}")
+        why = f"cannot import {name!r}: {e}"
+    missing(why)
 
 
 # ---------------------------------------------------------------------------------------------- launch spy
