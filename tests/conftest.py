@@ -39,7 +39,8 @@ torch.set_num_threads(1)
 DEVICE = "cuda" if _CUDA else "cpu"
 
 # Test files whose every test must launch a Triton kernel (unless marked otherwise), as path prefixes.
-KERNEL_TESTS = ("tests/kernels/", "tests/fastbert/test_fused", "tests/fastbert/test_convergence.py")
+KERNEL_TESTS = ("tests/kernels/", "tests/fastbert/test_fused", "tests/fastbert/test_convergence.py",
+                "tests/fastbert/test_optimize.py", "tests/fastbert/test_compile.py")
 # Test file -> the kernel module its tests must launch from, where `test_<op>.py` -> `kernels.<op>` is wrong.
 KERNEL_MODULE = {
     "test_attention_scale.py": "kernels.attention",
@@ -60,6 +61,8 @@ UNMARKED = {
     "tests/kernels/test_linear_bias_gelu.py::test_bf16_cpu_falls_back_to_reference": "reference_path",
     "tests/kernels/test_qkv_projection.py::test_bad_arguments": "no_kernel",
     "tests/kernels/test_qkv_projection.py::test_bf16_cpu_falls_back_to_reference": "reference_path",
+    "tests/fastbert/test_optimize.py::test_key_padding_from_hf_masks": "no_kernel",
+    "tests/fastbert/test_optimize.py::test_optimize_refuses_what_it_cannot_do": "no_kernel",
 }
 
 
