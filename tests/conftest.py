@@ -78,14 +78,17 @@ def pytest_configure(config):
                                        "compile-only)")
 
 
-def pytest_report_header(config):
+def _how_kernels_run() -> str:
     if _CUDA:
-        how = "CUDA present: Triton kernels run compiled"
-    elif _INTERPRET_BEFORE == "1":
-        how = "no CUDA: TRITON_INTERPRET=1, Triton kernels run through the interpreter"
-    else:
-        how = (f"no CUDA: TRITON_INTERPRET forced to 1 (environment had {_INTERPRET_BEFORE!r}), Triton kernels "
-               "run through the interpreter")
+        return "CUDA present: Triton kernels run compiled"
+    if _INTERPRET_BEFORE == "1":
+        return "no CUDA: TRITON_INTERPRET=1, Triton kernels run through the interpreter"
+    return (f"no CUDA: TRITON_INTERPRET forced to 1 (the environment had {_INTERPRET_BEFORE!r}), Triton kernels "
+            "run through the interpreter")
+
+
+def pytest_report_header(config):
+    how = _how_kernels_run()
     mode = f"{STRICT_ENV}=1: missing requirements and non-gpu skips fail the run" if strict() else (
         f"{STRICT_ENV} unset: missing requirements skip")
     return [f"fastbert: {how}; every kernel test must launch one (launch spy)", f"fastbert: {mode}"]
@@ -160,8 +163,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
-    tr.write_line(f"fastbert: {LAUNCH_SPY.total} Triton kernel launches "
-                  f"({'compiled' if _CUDA else 'interpreter, TRITON_INTERPRET=1'})")
+    tr.write_line(f"fastbert: {LAUNCH_SPY.total} Triton kernel launches; {_how_kernels_run()}")
     bad = _BAD_SKIPS
     if not bad:
         return
