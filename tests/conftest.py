@@ -83,7 +83,7 @@ def _how_kernels_run() -> str:
         return "CUDA present: Triton kernels run compiled"
     if _INTERPRET_BEFORE == "1":
         return "no CUDA: TRITON_INTERPRET=1, Triton kernels run through the interpreter"
-    return (f"no CUDA: TRITON_INTERPRET forced to 1 (the environment had {_INTERPRET_BEFORE!r}), Triton kernels "
+    return (f"no CUDA: TRITON_INTERPRET forced to 1 (it was {_INTERPRET_BEFORE or 'unset'}), Triton kernels "
             "run through the interpreter")
 
 
