@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 import fastbert
 from fastbert.checkpoint import CONFIG_NAME, PYTORCH_NAME, SAFETENSORS_NAME
 from fastbert.config import FUSION_FLAGS
-from fastbert.resources import ResourceNotFound, minilm_path
+from tests.helpers import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 SMALL = dict(vocab_size=211, hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=200,
              max_position_embeddings=64)
@@ -110,10 +110,7 @@ def test_base_checkpoint_loads_into_heads_and_back(tmp_path):
 
 
 def test_minilm_loads_into_task_models():
-    try:
-        folder = minilm_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
+    folder = require("minilm")
     with pytest.warns(UserWarning, match="classifier.weight"):
         model = fastbert.BertForSequenceClassification.from_pretrained(folder, num_labels=2)
     assert model.config.hidden_size == 384 and model.classifier.out_features == 2

@@ -8,8 +8,9 @@ differ by noise rather than by error.
 
 Config: hidden 32, 1 layer, 1 head of 32, T 16, batch 4, vocabulary 64; 100 AdamW steps (about 0.3 s a fused
 step through the CPU interpreter, when the machine is otherwise idle).
-Tolerance: every step's loss within 2e-3 of the reference's (measured: 7e-7 on CPU in fp32 over the 100 steps),
-and the loss must fall (training really happens).
+Tolerance: every step's loss within MAX_STEP_DIFF of the reference's, and the loss must fall (training really
+happens). Both runs are fp32 with the same weights and batches, so the curves differ only by rounding (the
+kernels sum in another order than PyTorch), which AdamW carries from step to step.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from fastbert import BertConfig, BertForPreTraining
 from fastbert.optimize import optimize
 
 STEPS = 100
+# Measured: max |Δloss| = 5e-7 to 7e-7 over the 100 steps (CPU interpreter, fp32; the loss is ~4). The bound
+# is ~15× that: room for another summation order (a GPU's autotuned tiles) and for rounding that AdamW
+# amplifies where its second moment is tiny. Real errors move the curve further (measured: the fused FFN
+# using the tanh GELU instead of erf, 3e-5; the MLM kernel skipping the decoder bias, 4e-2). The old bound,
+# 2e-3, let the first through.
+MAX_STEP_DIFF = 1e-5
 B, T, V = 4, 16, 64
 CLS, SEP, MASK, PAD = 1, 2, 3, 0
 FIRST = 4  # token ids below are special
@@ -85,6 +92,7 @@ def test_fused_training_follows_reference_loss_curve(device):
     ref_losses = train(ref, device)
     fused_losses = train(fused, device)
     diffs = [abs(a - b) for a, b in zip(fused_losses, ref_losses, strict=True)]
-    assert max(diffs) <= 2e-3, f"loss curves diverge: max |Δ| = {max(diffs):.2e} at step {diffs.index(max(diffs))}"
+    worst = max(diffs)
+    assert worst <= MAX_STEP_DIFF, f"loss curves diverge: max |Δ| = {worst:.2e} at step {diffs.index(worst)}"
     first, last = sum(ref_losses[:5]) / 5, sum(ref_losses[-5:]) / 5
     assert last < first - 0.3, f"no learning: mean loss {first:.3f} (first 5 steps) -> {last:.3f} (last 5)"

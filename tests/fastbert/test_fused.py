@@ -255,6 +255,7 @@ def test_inference_keeps_no_autograd_state_and_eval_disables_dropout(grad_off, d
     torch.testing.assert_close(hidden[real], expect[real], rtol=1e-5, atol=2e-5)
 
 
+@pytest.mark.reference_path
 def test_cpu_without_interpreter_is_the_reference(monkeypatch):
     """Real CPU use: no Triton, every fused module calls the reference forward (bit-identical)."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -290,6 +291,7 @@ def test_unsupported_head_dim_falls_back_loudly(device):
     assert_within_torch_error(hid[real], expect[1][real], expect[0][real], atol=2e-5, name="hidden")
 
 
+@pytest.mark.no_kernel("module swapping and state_dict keys only")
 def test_swap_keeps_parameters_keys_and_ties():
     config = tiny_config(num_hidden_layers=1)
     torch.manual_seed(0)

@@ -30,10 +30,10 @@ import torch
 
 import fastbert
 from fastbert.config import FUSION_FLAGS
-from fastbert.resources import ResourceNotFound, minilm_path
 from fastbert.tokenizer import Tokenizer
+from tests.helpers import require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 REFERENCE = {flag: False for flag in FUSION_FLAGS}  # the plain PyTorch model, whatever fusions exist
 
@@ -57,10 +57,7 @@ PAIRS = [
 
 @pytest.fixture(scope="module")
 def minilm_folder():
-    try:
-        return minilm_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
+    return require("minilm")
 
 
 @pytest.fixture

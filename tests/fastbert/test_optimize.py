@@ -15,9 +15,9 @@ import torch
 import fastbert
 from fastbert.fused import FusedEncoder, fusion_report
 from fastbert.optimize import HFFusedEncoder, key_padding_from_hf_mask, optimize
-from tests.helpers import assert_within_torch_error, pad_mask
+from tests.helpers import assert_within_torch_error, pad_mask, require
 
-transformers = pytest.importorskip("transformers")
+transformers = require("transformers")
 
 LENGTHS = [21, 13, 0]
 T = 21
@@ -102,12 +102,7 @@ def test_minilm_checkpoint_matches_transformers(monkeypatch, device):
     All 6 layers, real weights, every fusion on (through the interpreter on CPU)."""
     from tokenizers import Tokenizer
 
-    from fastbert.resources import ResourceNotFound, minilm_path
-
-    try:
-        folder = minilm_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
+    folder = require("minilm")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.no_padding()

@@ -234,6 +234,7 @@ def _bad_calls(device):
      "gamma_shape", "beta_int", "p_negative", "p_one", "eps_zero", "eps_negative", "seed_negative",
      "seed_float", "device"],
 )
+@pytest.mark.no_kernel("argument checks raise before any launch")
 def test_bad_arguments_raise(device, case):
     call, x, gamma = _bad_calls(device)
     bad = {

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.mlm_cross_entropy import mlm_cross_entropy, mlm_cross_entropy_gathered, mlm_cross_entropy_ref
-from tests.helpers import assert_within_torch_error
+from tests.helpers import assert_within_torch_error, launched
 
 # The module itself (the package re-exports the function under the module's name).
 mlm = importlib.import_module("kernels.mlm_cross_entropy")
@@ -119,6 +119,67 @@ def test_tanh_gelu_and_custom_ignore_index(device):
     _check(hidden, labels, weights, torch.float32, approximate="tanh", ignore_index=-1)
 
 
+def _independent(hidden, labels, weights, ignore_index, approximate="none"):
+    """The loss written out with F.cross_entropy's own ignore_index handling, in hidden's dtype (float64 for
+    the truth): shares no code with mlm_cross_entropy or mlm_cross_entropy_ref."""
+    logits = _logits_in(hidden.reshape(-1, hidden.shape[-1]), weights, approximate)  # (N, V)
+    ce_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    flat = labels.reshape(-1)
+    loss = F.cross_entropy(logits.to(ce_dtype), flat, ignore_index=ignore_index)
+    scored = flat != ignore_index
+    return loss, (logits[scored].argmax(-1) == flat[scored]).sum()
+
+
+def _logits_in(rows, weights, approximate):
+    """Logits of rows [N, H] in rows' dtype."""
+    dw, db, lw, lb, ew, eb = [w.to(rows.dtype) for w in weights]
+    t = F.gelu(F.linear(rows, dw, db), approximate=approximate)
+    return F.linear(F.layer_norm(t, (t.shape[-1],), lw, lb, 1e-12), ew, eb)
+
+
+V_SMALL = 1000
+# name: (ignore_index, the labels of the scored positions; every other position holds ignore_index)
+LABEL_CASES = {
+    "label_0": (-100, [0, 0, 5, 0, V_SMALL - 1, 1, 0]),
+    "label_next_to_ignore_index": (-1, [0, 1, 0, 2, 0, 0]),  # 0 = ignore_index + 1
+    "ignore_index_inside_vocab": (7, [6, 8, 6, 0, 8, 8, 6]),  # the class 7 is ignored, its neighbours are not
+    "every_label_one_class": (-100, [3] * 9),
+    "every_label_class_0": (-100, [0] * 5),
+}
+
+
+@pytest.mark.parametrize("case", list(LABEL_CASES))
+def test_label_values_and_ignore_index(device, case):
+    """Which positions count: label 0, labels next to ignore_index, an ignore_index that is a class id, and
+    every scored label one class — loss, argmax count and gradients against an independent float64 loss."""
+    ignore_index, row_labels = LABEL_CASES[case]
+    dtype = torch.float32
+    g = torch.Generator().manual_seed(len(case))
+    hidden = torch.randn(2, 37, 32, generator=g).to(device=device, dtype=dtype)
+    weights = _weights(32, V_SMALL, dtype, device, g)
+    labels = torch.full((2, 37), ignore_index, dtype=torch.int64)
+    pos = torch.randperm(labels.numel(), generator=g)[: len(row_labels)]
+    labels.view(-1)[pos] = torch.tensor(row_labels)
+    labels = labels.to(device)
+
+    loss, correct, grads = _loss_and_grads(mlm_cross_entropy, hidden, labels, weights, ignore_index=ignore_index)
+    as64 = [t.double() for t in [hidden, *weights]]
+    loss64, correct64, grads64 = _loss_and_grads(
+        lambda h, lab, *w: _independent(h, lab, w, ignore_index), as64[0], labels, as64[1:])
+    loss_t, _, grads_t = _loss_and_grads(
+        lambda h, lab, *w: _independent(h, lab, w, ignore_index), hidden, labels, weights)
+    assert launched("kernels.mlm_cross_entropy") == ["_ce_chunk_kernel"]  # one chunk, through the kernel
+    assert_within_torch_error(loss, loss64, loss_t, atol=_slack(loss64, dtype), name="loss")
+    assert correct.item() == correct64.item()
+    for name, t, grad, g64, g_t in zip(NAMES, [hidden, *weights], grads, grads64, grads_t, strict=True):
+        assert_within_torch_error(grad, g64, g_t, atol=_slack(g64, t.dtype), name=f"d{name}")
+    # The rows that count are exactly the non-ignored ones: the hidden gradient is zero elsewhere, non-zero there.
+    scored = labels.reshape(-1) != ignore_index
+    dh = grads[0].reshape(-1, 32)
+    assert not dh[~scored].any() and bool((dh[scored].abs().amax(-1) > 0).all())
+
+
+@pytest.mark.reference_path  # nothing to score: the reference on zero rows gives loss 0 and zero gradients
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_no_labelled_position(device, dtype):
     hidden, labels, weights = _problem((2, 37, 32), 1000, 0, dtype, device, seed=5)
@@ -156,6 +217,7 @@ def test_gathered_entry_compiles_fullgraph(device):
      "dense_shape", "ln_shape", "decoder_width", "decoder_bias_shape", "device", "approximate", "eps",
      "ignore_index_type"],
 )
+@pytest.mark.no_kernel("argument checks raise before any launch")
 def test_bad_arguments_raise(device, case):
     hidden, labels, weights = _problem((2, 5, 32), 50, 4, torch.float32, device, seed=8)
     dw, db, lw, lb, ew, eb = weights
@@ -197,6 +259,7 @@ def test_bad_arguments_raise(device, case):
         mlm_cross_entropy(**args, **kwargs)
 
 
+@pytest.mark.no_kernel("argument checks raise before any launch")
 def test_gathered_bad_arguments_raise(device):
     hidden, labels, weights = _problem((6, 32), 50, 6, torch.float32, device, seed=10)
     with pytest.raises(ValueError, match="row_labels"):

@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from tests.helpers import require
 from train import prepare as prep
 from train.dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
 
@@ -63,12 +64,7 @@ def test_split_sentences_rules():
 
 
 def test_embedded_wikipedia_reads():
-    from fastbert.resources import ResourceNotFound, wiki_corpus_path
-
-    try:
-        path = wiki_corpus_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
+    path = require("wiki_corpus")
     docs = prep.read_json_documents(path)
     assert len(docs) > 10000
     n_sent = sum(map(len, docs))

@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import require
 from train import prepare as prep
 from train.pretrain import PretrainConfig, main, pretrain
 
@@ -102,7 +103,7 @@ def test_loss_falls_and_outputs_are_written(trained):
 
 
 def test_checkpoint_loads_in_transformers(trained, data):
-    transformers = pytest.importorskip("transformers")
+    transformers = require("transformers")
     from fastbert.modeling import BertForPreTraining
     from train.dataset import PretrainingDataset, collate
 
