@@ -17,9 +17,10 @@ Saving writes `config.json`, `model.safetensors` and a manifest (`fastbert-manif
 sha256, written last) into a temporary sibling folder, fsyncs it and swaps it in by rename
 (fastbert/_atomic.py): a kill at any point leaves the old complete folder or the new complete one, never new
 config beside old weights. A loader that finds a manifest verifies the files it reads against it and names the
-one that differs. `save_pretrained` replaces only a folder it recognises (empty, a fastbert model, or Hugging
-Face model files only); anything else needs `overwrite=True`. Tied tensors are written once, under the names
-`transformers` expects, so `transformers` loads the folder with no missing or unexpected keys.
+one that differs. `save_pretrained` replaces only a folder it recognises (empty, or holding nothing but
+config.json, model.safetensors and the files a fastbert manifest lists); anything else needs `overwrite=True`.
+Tied tensors are written once, under the names `transformers` expects, so `transformers` loads the folder with
+no missing or unexpected keys.
 """
 
 from __future__ import annotations
@@ -61,11 +62,9 @@ TIED_KEYS = {
 }
 
 MODEL_KIND = "model"  # the manifest kind of a save_pretrained folder
-# Files a Hugging Face model folder holds; a folder of nothing else may be replaced by save_pretrained.
-MODEL_FILE_NAMES = frozenset({
-    CONFIG_NAME, SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME, MANIFEST_NAME, "vocab.txt",
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-})
+# What save_pretrained itself writes: a folder holding nothing else (or only files its fastbert manifest
+# lists) may be replaced; any other file in it is the user's, and is not deleted without overwrite=True.
+MODEL_FILE_NAMES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, MANIFEST_NAME})
 
 # Keys some files carry that are buffers (not weights) in fastbert; dropped on load without a warning.
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -235,8 +234,9 @@ def save_pretrained(
     """Write `config.json` and `model.safetensors` (and whatever `extra_files(tmp_folder)` writes, e.g. the
     tokenizer) as the folder `folder`, atomically with a manifest (see the module docstring); returns it.
 
-    An existing `folder` is replaced when it is empty, a fastbert model folder or holds only Hugging Face model
-    files; any other folder is refused (ValueError) unless `overwrite=True`, and a file is always refused."""
+    An existing `folder` is replaced when it holds nothing but config.json, model.safetensors and the files its
+    fastbert manifest lists; a folder with any other file is refused (ValueError) unless `overwrite=True`, and
+    a file is always refused."""
     config = getattr(model, "config", None)
     if not isinstance(config, BertConfig):
         raise ValueError(f"{type(model).__name__} has no fastbert BertConfig; cannot save it")
@@ -254,9 +254,12 @@ def check_model_target(folder: Path, overwrite: bool) -> None:
     """The save_pretrained refusal rule (see save_pretrained)."""
     if folder.is_file() or (folder.is_symlink() and not folder.is_dir()):
         raise ValueError(f"save_pretrained: {folder} is a file, not a folder")
-    if not folder.is_dir() or overwrite or manifest_kind(folder) == MODEL_KIND:
+    if not folder.is_dir() or overwrite:
         return
-    foreign = sorted(p.name for p in folder.iterdir() if p.name not in MODEL_FILE_NAMES)
+    known = set(MODEL_FILE_NAMES)
+    if manifest_kind(folder) == MODEL_KIND:
+        known |= {name.split("/")[0] for name in read_manifest(folder)["files"]}
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in known)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
         raise ValueError(f"save_pretrained: {folder} holds files that are not a saved model ({shown}); "

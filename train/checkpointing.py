@@ -26,6 +26,7 @@ import pickle
 import random
 import re
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -181,7 +182,13 @@ def save_checkpoint(
     if keep > 0:
         mine = [p for p in list_checkpoints(out_dir) if checkpoint_run_id(p) == run_id]
         for old in mine[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed out of sight first, so a kill mid-delete never leaves a half-deleted checkpoint in the list.
+            doomed = root / f".{old.name}.deleting-{uuid.uuid4().hex[:8]}"
+            os.replace(old, doomed)
+            fault_point("checkpoint:rotated-out")
+            shutil.rmtree(doomed, ignore_errors=True)
+    for leftover in root.glob(".step_*.deleting-*"):  # from a kill during an earlier rotation
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 
