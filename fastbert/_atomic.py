@@ -9,7 +9,8 @@ A folder is written whole under a temporary sibling name (`.NAME.tmp-PID-XXXX`),
 fsynced, then swapped in by rename: the old folder (if any) is first renamed to `.NAME.old`, the new one into
 place, then the old one deleted. A kill at any point leaves the old complete folder or the new complete one;
 after a kill between the two renames `final` is missing and `.NAME.old` holds the old one, which
-`recover(final)` (called by every loader and writer) renames back.
+`recover(final)` (called by every loader and writer) renames back. The temporary folder a killed writer leaves
+is removed by the next write of the same folder (its process id is gone).
 
 The manifest is also the marker of a folder fastbert made: commands that replace a folder only replace one
 whose manifest has the expected `kind` (or that is empty); anything else needs an explicit overwrite.
@@ -236,12 +237,35 @@ def absolute(path: str | os.PathLike) -> Path:
     return Path(os.path.abspath(os.fspath(path)))
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale_temporaries(final: Path) -> None:
+    """Remove `.NAME.tmp-PID-*` siblings of `final` left by a writer that was killed (its process is gone)."""
+    prefix = f".{final.name}.tmp-"
+    if not final.parent.is_dir():
+        return
+    for p in final.parent.iterdir():
+        if p.name.startswith(prefix) and p.is_dir():
+            pid = p.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(p, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_folder(final: str | os.PathLike, kind: str, **meta: Any) -> Iterator[Path]:
     """Yield an empty temporary sibling of `final`; on a normal exit write the manifest (`kind`, `meta`), fsync
     and swap it in as `final`. On an exception the temporary folder is removed and `final` is untouched."""
     final = absolute(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
