@@ -58,15 +58,17 @@ def fault_point(name: str) -> None:
     """A named step of a write (see the module docstring); a no-op unless a test asks for a fault here.
 
     `FASTBERT_FAULT_AT` holds comma-separated entries `name` (SIGKILL there) or `name=SIG` (send that signal
-    to this process there, e.g. `pretrain:step-3:backward=TERM`)."""
+    to this process there, e.g. `pretrain:step-3:backward=TERM`); `name=SIG@R` only in the process whose
+    RANK is R (torchrun)."""
     if _fault_hook is not None:
         _fault_hook(name)
     spec = os.environ.get(FAULT_ENV)
     if not spec:
         return
     for entry in spec.split(","):
-        point, _, sig = entry.strip().partition("=")
-        if point == name:
+        point, _, action = entry.strip().partition("=")
+        sig, _, rank = action.partition("@")
+        if point == name and (not rank or rank == os.environ.get("RANK", "0")):
             os.kill(os.getpid(), getattr(signal, "SIG" + sig.upper()) if sig else signal.SIGKILL)
 
 

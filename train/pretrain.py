@@ -725,6 +725,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo, stopper: Graceful
             say(f"held-out MLM accuracy {last_eval['eval_mlm_acc']:.3f} (loss {last_eval['eval_mlm_loss']:.3f}, "
                 f"perplexity {math.exp(min(50.0, last_eval['eval_mlm_loss'])):.1f}), "
                 f"NSP accuracy {last_eval['eval_nsp_acc']:.3f}")
+    distributed.barrier()  # no rank exits (and has torchrun stop the others) while rank 0 is still writing
     return result
 
 
