@@ -240,7 +240,12 @@ def ensure_data(cfg: PretrainConfig, info: distributed.DistInfo) -> Path:
         return path
     vocab = f"-vocab{cfg.vocab_size}" if cfg.vocab_size else ""
     path = Path(cfg.data_cache) / f"wiki-T{cfg.max_seq_len}-dupe{cfg.dupe_factor}{vocab}"
-    if info.is_main and not is_prepared(path):
+    try:
+        ready = is_prepared(path)
+    except ValueError as e:  # fastbert's own cache, damaged (a truncated file): made again
+        print(f"note: the prepared corpus is damaged ({e}); preparing it again", flush=True)
+        ready = False
+    if info.is_main and not ready:
         print(f"preparing the embedded Wikipedia corpus in {path} (once) ...", flush=True)
         prepare(PrepareConfig(out_dir=str(path), max_seq_len=cfg.max_seq_len, dupe_factor=cfg.dupe_factor,
                               vocab_size=cfg.vocab_size))
@@ -600,10 +605,13 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo, stopper: Graceful
     first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
 
     def check_finite() -> None:
-        bad = int(distributed.all_reduce_sum(first_bad.clone().clamp_(min=0)).item()) if info.enabled else \
-            int(first_bad.item())
-        if bad > 0:
-            raise FloatingPointError(nan_message(bad, start_step, cfg))
+        bad = first_bad.clone()
+        if info.enabled:  # the earliest step any rank saw (every rank calls this at the same steps)
+            bad = torch.where(bad > 0, bad, torch.full_like(bad, end_step + 1))
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(bad.item())
+        if 0 < bad_step <= end_step:
+            raise FloatingPointError(nan_message(bad_step, start_step, cfg))
 
     ckpt_path, ckpt_step, done, stopped = None, None, start_step, None
     stopper.arm()
