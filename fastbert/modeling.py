@@ -468,7 +468,7 @@ class BertForPreTraining(BertPreTrainedModel):
         else:
             logits = self.cls.predictions(hidden)  # (B, T, V)
         if next_sentence_label is not None:
-            check_labels("next_sentence_label", next_sentence_label, 2)
+            check_labels("next_sentence_label", next_sentence_label, 2, IGNORE_INDEX)
             nsp_loss = F.cross_entropy(upcast(nsp_logits), next_sentence_label.reshape(-1))
         parts = [x for x in (mlm_loss, nsp_loss) if x is not None]
         loss = sum(parts) if parts else None
@@ -532,7 +532,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
             else:
                 if labels.is_floating_point() and (labels != labels.round()).any():
                     raise ValueError("labels must be class ids for num_labels > 1, got non-integer floats")
-                check_labels("labels", labels.long(), self.num_labels)
+                check_labels("labels", labels.long(), self.num_labels, IGNORE_INDEX)
                 loss = F.cross_entropy(upcast(logits), labels.reshape(-1).long())
         return SequenceClassifierOutput(loss, logits)
 

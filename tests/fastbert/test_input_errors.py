@@ -58,12 +58,13 @@ def test_mlm_label_out_of_range_on_the_reference_path(masked_only):
 
 
 def test_nsp_label_out_of_range():
-    with pytest.raises(ValueError, match=r"next_sentence_label must lie in \[0, 2\), got values in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"next_sentence_label must lie in \[0, 2\) or -100 \(ignored\), got "
+                                         r"values in \[0, 2\]"):
         model(BertForPreTraining)(ids(), next_sentence_label=torch.tensor([0, 2]))
 
 
 def test_class_label_out_of_range_and_nan_scores():
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\), got values in \[1, 3\]"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\) or -100 \(ignored\), got values in \[1, 3\]"):
         model(BertForSequenceClassification, num_labels=3)(ids(), labels=torch.tensor([1, 3]))
     with pytest.raises(ValueError, match="labels must be class ids"):
         model(BertForSequenceClassification, num_labels=3)(ids(), labels=torch.tensor([1.0, 2.5]))
