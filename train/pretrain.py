@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastbert._atomic import MANIFEST_NAME, absolute, fault_point, refuse_dangerous_target, write_text_atomic
+from fastbert._atomic import absolute, fault_point, refuse_dangerous_target, write_text_atomic
 from fastbert.config import BertConfig
 from fastbert.flops import train_flops_per_token
 from fastbert.modeling import BertForPreTraining
@@ -316,10 +316,11 @@ def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, global_batch: in
 
 
 def data_fingerprint(data_dir: Path) -> dict[str, Any]:
-    """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the size of every file."""
+    """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the sizes of its arrays and
+    vocabulary (files added to the folder by hand do not count)."""
     meta = (data_dir / "meta.json").read_bytes()
     files = {p.name: p.stat().st_size for p in sorted(data_dir.iterdir())
-             if p.is_file() and p.name not in ("meta.json", MANIFEST_NAME)}
+             if p.is_file() and (p.suffix == ".npy" or p.name == "vocab.txt")}
     return {"meta_sha256": hashlib.sha256(meta).hexdigest(), "files": files}
 
 

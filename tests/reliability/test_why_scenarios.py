@@ -102,6 +102,12 @@ def test_a_fresh_run_into_an_existing_run_folder_is_refused(corpus, tmp_path, ca
     assert Path(first["checkpoint"]).is_dir()
 
 
+def test_pretrain_out_dir_that_is_a_file(corpus, tmp_path, capsys):
+    (tmp_path / "f").write_text("mine")
+    assert pretrain_main([*flags(run_opts(corpus, tmp_path / "f")), "--overwrite"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and (tmp_path / "f").read_text() == "mine"
+
+
 def test_overwrite_replaces_the_run_and_rotation_keeps_its_own_checkpoints(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     pretrain(PretrainConfig(**run_opts(corpus, out, max_steps=8)))  # checkpoints 6, 8 of the old run
