@@ -10,6 +10,7 @@ outside, at whatever moment the run is in.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -85,17 +86,19 @@ def test_second_ctrl_c_exits_at_once(common, tmp_path):
 
 
 def test_sigterm_from_outside_mid_run(common, tmp_path):
-    """A real asynchronous SIGTERM while the run is going (wherever it lands), then resume: bitwise equal."""
+    """A real asynchronous SIGTERM to the whole process group (as a scheduler or a terminal sends it: the
+    data-loader workers get it too) while the run is going, wherever it lands; then resume: bitwise equal."""
     out = tmp_path / "run"
     opts = dict(common, max_steps=400)
-    cmd = [sys.executable, "-m", "train.pretrain", *flags(opts), "--out-dir", str(out)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = [sys.executable, "-m", "train.pretrain", *flags({**opts, "num_workers": 2}), "--out-dir", str(out)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(None), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         for line in proc.stdout:
             if line.startswith("step      3 "):
                 break
         time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()
