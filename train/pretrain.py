@@ -424,8 +424,10 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)  # then renamed: a kill never leaves half a PNG under the final name
     plt.close(fig)
+    tmp.replace(path)
 
 
 class JsonlLog:

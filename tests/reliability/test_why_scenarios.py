@@ -240,3 +240,18 @@ def test_tsv_encodings(tmp_path):
     (tmp_path / "latin1.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.tsv: not UTF-8 text"):
         read_glue_tsv(tmp_path / "latin1.tsv", "sst2")
+    from train.classification_data import read_rotten_tomatoes
+    from train.squad import read_squad
+
+    (tmp_path / "rt.csv").write_bytes("\ufeffcategory,text\nfresh,a fine film\n".encode())
+    assert read_rotten_tomatoes(tmp_path / "rt.csv")[0].label == 1
+    (tmp_path / "rt1252.csv").write_bytes("category,text\nfresh,caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="rt1252.csv: not UTF-8 text"):
+        read_rotten_tomatoes(tmp_path / "rt1252.csv")
+    squad = {"data": [{"paragraphs": [{"context": "a cat sat", "qas": [
+        {"id": "q", "question": "who?", "answers": [{"text": "cat", "answer_start": 2}]}]}]}]}
+    (tmp_path / "sq.json").write_bytes(("\ufeff" + json.dumps(squad)).encode())
+    assert read_squad(tmp_path / "sq.json")[0].answers == [("cat", 2)]
+    (tmp_path / "sq1252.json").write_bytes(json.dumps(squad).replace("cat", "caf\xe9").encode("latin-1"))
+    with pytest.raises(ValueError, match="sq1252.json: not UTF-8 text"):
+        read_squad(tmp_path / "sq1252.json")
