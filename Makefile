@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 # The main job: a small pretraining on the embedded Wikipedia corpus, on whatever device is here.
+# --overwrite: the demo's run folder (runs/pretrain-tiny) is its own, replaced on every run.
 pretrain: $(STAMP)
-	$(PY) -m train.pretrain --preset tiny --demo
+	$(PY) -m train.pretrain --preset tiny --demo --overwrite
 
 # The test suite (CPU: Triton kernels through the interpreter).
 test: $(STAMP)

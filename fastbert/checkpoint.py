@@ -13,9 +13,14 @@ fastbert's `state_dict` keys are Hugging Face's, so loading is mostly a matter o
 - heads missing from the file keep their fresh initialisation; missing and unexpected keys are listed in
   one `warnings.warn`.
 
-Saving writes `config.json` and `model.safetensors` (each through a temporary file and `os.replace`, so an
-interrupted save never leaves a half-written file under the final name). Tied tensors are written once,
-under the names `transformers` expects, so `transformers` loads the folder with no missing or unexpected keys.
+Saving writes `config.json`, `model.safetensors` and a manifest (`fastbert-manifest.json`: each file's size and
+sha256, written last) into a temporary sibling folder, fsyncs it and swaps it in by rename
+(fastbert/_atomic.py): a kill at any point leaves the old complete folder or the new complete one, never new
+config beside old weights. A loader that finds a manifest verifies the files it reads against it and names the
+one that differs. `save_pretrained` replaces only a folder it recognises (empty, or holding nothing but
+config.json, model.safetensors and the files a fastbert manifest lists); anything else needs `overwrite=True`.
+Tied tensors are written once, under the names `transformers` expects, so `transformers` loads the folder with
+no missing or unexpected keys.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -34,6 +38,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ._atomic import (
+    MANIFEST_NAME,
+    absolute,
+    atomic_folder,
+    fault_point,
+    manifest_kind,
+    read_manifest,
+    recover,
+    verify_manifest,
+)
 from .config import BertConfig
 
 CONFIG_NAME = "config.json"
@@ -46,6 +60,11 @@ TIED_KEYS = {
     "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
     "cls.predictions.decoder.bias": "cls.predictions.bias",
 }
+
+MODEL_KIND = "model"  # the manifest kind of a save_pretrained folder
+# What save_pretrained itself writes: a folder holding nothing else (or only files its fastbert manifest
+# lists) may be replaced; any other file in it is the user's, and is not deleted without overwrite=True.
+MODEL_FILE_NAMES = frozenset({CONFIG_NAME, SAFETENSORS_NAME, MANIFEST_NAME})
 
 # Keys some files carry that are buffers (not weights) in fastbert; dropped on load without a warning.
 IGNORED_KEYS = ("embeddings.position_ids", "embeddings.token_type_ids")
@@ -146,10 +165,17 @@ def load_pretrained(
     eval mode, in float32 (the file's dtype is cast), on the CPU.
     """
     folder = Path(folder)
+    recover(folder)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
     if not folder.is_dir():
         raise NotADirectoryError(f"checkpoint path is not a folder: {folder}")
+    # The files this load reads must match the manifest, if the folder has one (no new config over old weights).
+    read = {SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, PYTORCH_NAME} | ({CONFIG_NAME} if config is None else set())
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        read |= {name for name in manifest["files"] if name.endswith(".safetensors")}  # shards
+        verify_manifest(folder, only=read)
     if config is None:
         if not (folder / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{CONFIG_NAME} not found in {folder} (or pass config=BertConfig(...))")
@@ -198,18 +224,56 @@ def load_pretrained(
 
 
 # ---------------------------------------------------------------------------------------------- save
-def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
-    """Write `config.json` and `model.safetensors` to `folder` (created if needed), Hugging Face style."""
+def save_pretrained(
+    model: nn.Module,
+    folder: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra_files: Callable[[Path], object] | None = None,
+) -> Path:
+    """Write `config.json` and `model.safetensors` (and whatever `extra_files(tmp_folder)` writes, e.g. the
+    tokenizer) as the folder `folder`, atomically with a manifest (see the module docstring); returns it.
+
+    An existing `folder` is replaced when it holds nothing but config.json, model.safetensors and the files its
+    fastbert manifest lists; a folder with any other file is refused (ValueError) unless `overwrite=True`, and
+    a file is always refused."""
     config = getattr(model, "config", None)
     if not isinstance(config, BertConfig):
         raise ValueError(f"{type(model).__name__} has no fastbert BertConfig; cannot save it")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = absolute(folder)
+    recover(folder)
+    check_model_target(folder, overwrite)
+    with atomic_folder(folder, MODEL_KIND) as tmp:
+        write_model_files(model, tmp)
+        if extra_files is not None:
+            extra_files(tmp)
+    return folder
 
+
+def check_model_target(folder: Path, overwrite: bool) -> None:
+    """The save_pretrained refusal rule (see save_pretrained)."""
+    if folder.is_file() or (folder.is_symlink() and not folder.is_dir()):
+        raise ValueError(f"save_pretrained: {folder} is a file, not a folder")
+    if not folder.is_dir() or overwrite:
+        return
+    known = set(MODEL_FILE_NAMES)
+    if manifest_kind(folder) == MODEL_KIND:
+        known |= {name.split("/")[0] for name in read_manifest(folder)["files"]}
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in known)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", …" if len(foreign) > 5 else "")
+        raise ValueError(f"save_pretrained: {folder} holds files that are not a saved model ({shown}); "
+                         "choose an empty or new folder, or pass overwrite=True to replace it")
+
+
+def write_model_files(model: nn.Module, folder: Path) -> None:
+    """config.json and model.safetensors into the (fresh, temporary) `folder`; no manifest, no swap."""
+    config = model.config
     config_dict = config.to_dict()
     config_dict["architectures"] = [type(model).__name__]
     config_text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
-    _atomic_write(folder / CONFIG_NAME, lambda p: p.write_text(config_text, encoding="utf-8"))
+    (folder / CONFIG_NAME).write_text(config_text, encoding="utf-8")
+    fault_point("model:config-written")
 
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -224,16 +288,5 @@ def save_pretrained(model: nn.Module, folder: str | os.PathLike) -> None:
         if t.data_ptr() in seen:
             tensors[key] = t.clone()
         seen.add(t.data_ptr())
-    _atomic_write(folder / SAFETENSORS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-
-
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write` to a temporary file beside `path`, then rename it over `path` (atomic on one filesystem).
-    The temporary file is created by `write` itself, so it gets the usual permissions (umask)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_file(tensors, str(folder / SAFETENSORS_NAME), metadata={"format": "pt"})
+    fault_point("model:weights-written")

@@ -74,6 +74,7 @@ def check_inputs(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
 ) -> None:
     """Clear errors for the mistakes people make feeding a BERT (instead of an index error deep inside)."""
     if not isinstance(input_ids, torch.Tensor):
@@ -83,6 +84,9 @@ def check_inputs(
     if input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"input_ids must be int64 or int32 token ids, got {input_ids.dtype}")
     B, T = input_ids.shape
+    if T == 0:
+        raise ValueError(f"input_ids has no tokens (shape {tuple(input_ids.shape)}); every sequence needs at least "
+                         "[CLS]")
     if T > config.max_position_embeddings:
         raise ValueError(
             f"sequence length {T} exceeds max_position_embeddings ({config.max_position_embeddings})"
@@ -96,8 +100,15 @@ def check_inputs(
             raise ValueError(f"{name} has shape {tuple(t.shape)} but input_ids has {tuple(input_ids.shape)}")
         if t.device != input_ids.device:
             raise ValueError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-    if token_type_ids is not None and token_type_ids.is_floating_point():
-        raise ValueError(f"token_type_ids must be integer, got {token_type_ids.dtype}")
+    if token_type_ids is not None and (token_type_ids.is_floating_point() or token_type_ids.dtype == torch.bool):
+        raise ValueError(f"token_type_ids must be integer segment ids (0 for A, 1 for B), got {token_type_ids.dtype}")
+    if position_ids is not None:
+        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or \
+                position_ids.dtype == torch.bool:
+            raise ValueError(f"position_ids must be an integer tensor, got "
+                             f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+        if position_ids.dim() != 2 or position_ids.shape[-1] != T or position_ids.shape[0] not in (1, B):
+            raise ValueError(f"position_ids must be [batch or 1, seq_len={T}], got shape {tuple(position_ids.shape)}")
     # Value checks cost a device sync on CUDA, where an out-of-range id raises a device assert anyway.
     if input_ids.device.type == "cpu" and input_ids.numel() and not torch.compiler.is_compiling():
         if attention_mask is not None and attention_mask.dtype != torch.bool:
@@ -115,6 +126,25 @@ def check_inputs(
                 raise ValueError(
                     f"token_type_ids must lie in [0, type_vocab_size={config.type_vocab_size}), got [{lo}, {hi}]"
                 )
+        if position_ids is not None:
+            lo, hi = int(position_ids.min()), int(position_ids.max())
+            if lo < 0 or hi >= config.max_position_embeddings:
+                raise ValueError(f"position_ids must lie in [0, max_position_embeddings="
+                                 f"{config.max_position_embeddings}), got [{lo}, {hi}]")
+
+
+def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index: int | None = None) -> None:
+    """Labels of a reference-path loss must be class ids in [0, num_classes) (or `ignore_index`): a clear
+    ValueError instead of an IndexError inside cross_entropy. Checked on the CPU only, as check_inputs (a value
+    check costs a device sync on CUDA, where the fused paths check their own)."""
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must be integer class ids, got {labels.dtype}")
+    if labels.device.type != "cpu" or not labels.numel() or torch.compiler.is_compiling():
+        return
+    real = labels if ignore_index is None else labels[labels != ignore_index]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= num_classes):
+        allowed = f"[0, {num_classes})" + ("" if ignore_index is None else f" or {ignore_index} (ignored)")
+        raise ValueError(f"{name} must lie in {allowed}, got values in [{int(real.min())}, {int(real.max())}]")
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +182,7 @@ def mlm_scores(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, mask
         logits = head(hidden)  # (B, T, V)
         picked = logits.reshape(-1, logits.shape[-1])[keep]  # (n, V)
     target = flat_l[keep]
+    check_labels("labels (MLM)", flat_l, picked.shape[-1], IGNORE_INDEX)
     if picked.shape[0] == 0:
         loss = picked.sum() * 0.0
     else:
@@ -398,7 +429,7 @@ class BertModel(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
     ) -> BertModelOutput:
-        check_inputs(self.config, input_ids, attention_mask, token_type_ids)
+        check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
         hidden = self.encoder(x, attention_mask)  # (B, T, H)
         pooled = self.pooler(hidden) if self.pooler is not None else None
@@ -433,6 +464,7 @@ class BertForPreTraining(BertPreTrainedModel):
         else:
             logits = self.cls.predictions(hidden)  # (B, T, V)
         if next_sentence_label is not None:
+            check_labels("next_sentence_label", next_sentence_label, 2, IGNORE_INDEX)
             nsp_loss = F.cross_entropy(upcast(nsp_logits), next_sentence_label.reshape(-1))
         parts = [x for x in (mlm_loss, nsp_loss) if x is not None]
         loss = sum(parts) if parts else None
@@ -490,8 +522,13 @@ class BertForSequenceClassification(BertPreTrainedModel):
         if labels is not None:
             if self.num_labels == 1:
                 scores = upcast(logits.squeeze(-1))  # (B,)
+                if labels.device.type == "cpu" and labels.is_floating_point() and not torch.isfinite(labels).all():
+                    raise ValueError("labels (regression scores) hold NaN or inf")
                 loss = F.mse_loss(scores, labels.reshape(-1).to(scores.dtype))
             else:
+                if labels.is_floating_point() and (labels != labels.round()).any():
+                    raise ValueError("labels must be class ids for num_labels > 1, got non-integer floats")
+                check_labels("labels", labels.long(), self.num_labels, IGNORE_INDEX)
                 loss = F.cross_entropy(upcast(logits), labels.reshape(-1).long())
         return SequenceClassifierOutput(loss, logits)
 

@@ -48,6 +48,15 @@ def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> 
         raise ValueError(
             f"x_packed has {x_packed.shape[0] if x_packed.dim() else 0} tokens but indices {indices.shape[0]}"
         )
+    if B < 0 or T < 0:
+        raise ValueError(f"B and T must be >= 0, got B={B}, T={T}")
+    # index_copy silently writes out of bounds on some devices: an index past B·T means B or T is too small.
+    if indices.numel() and indices.device.type == "cpu" and not torch.compiler.is_compiling() and \
+            int(indices.max()) >= B * T:
+        raise ValueError(f"B={B}, T={T} is too small for indices up to {int(indices.max())} (B·T must exceed every "
+                         "index; pass the batch size and length the indices came from)")
+    if indices.numel() > B * T:
+        raise ValueError(f"B={B}, T={T} holds {B * T} positions but x_packed has {indices.numel()} tokens")
     out = x_packed.new_zeros((B * T, *x_packed.shape[1:]))
     out = out.index_copy(0, indices.long(), x_packed)  # (B·T, ...)
     return out.view(B, T, *x_packed.shape[1:])

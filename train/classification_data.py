@@ -28,14 +28,17 @@ def read_rotten_tomatoes(path: str | os.PathLike) -> list[TextExample]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"rotten_tomatoes: file not found: {path}")
-    raw = bz2.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".bz2" else open(
-        path, encoding="utf-8", newline=""
+    # utf-8-sig: a leading byte-order mark is dropped (else the first column would be named "\ufeffcategory").
+    raw = bz2.open(path, "rt", encoding="utf-8-sig", newline="") if path.suffix == ".bz2" else open(
+        path, encoding="utf-8-sig", newline=""
     )
     with raw as f:
         try:
             reader = csv.DictReader(f)
             header = reader.fieldnames
             rows = list(reader)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
         except (OSError, EOFError, csv.Error) as e:  # OSError: not a bz2 stream
             raise ValueError(f"{path}: cannot be read as CSV: {e}") from None
     if not header:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prepare import FORMAT_VERSION, SPLITS
+from .prepare import FORMAT_VERSION, SPLITS, load_array
 
 IGNORE_INDEX = -100
 
@@ -84,10 +84,10 @@ class PretrainingDataset(torch.utils.data.Dataset):
         if max_predictions < 1:
             raise ValueError(f"max_predictions must be >= 1, got {max_predictions}")
         self.data_dir, self.split = data_dir, split
-        self.tokens = np.load(data_dir / f"{split}.tokens.npy", mmap_mode="r")
-        self.offsets = np.load(data_dir / f"{split}.offsets.npy")
-        self.len_a = np.load(data_dir / f"{split}.len_a.npy")
-        self.is_random_next = np.load(data_dir / f"{split}.is_random_next.npy")
+        self.tokens = load_array(data_dir / f"{split}.tokens.npy", mmap=True)
+        self.offsets = load_array(data_dir / f"{split}.offsets.npy")
+        self.len_a = load_array(data_dir / f"{split}.len_a.npy")
+        self.is_random_next = load_array(data_dir / f"{split}.is_random_next.npy")
         self.max_seq_len = int(self.meta["max_seq_len"])
         self.vocab_size = int(self.meta["vocab_size"])
         sp = self.meta["special_ids"]

@@ -22,6 +22,12 @@ master weights). Written to `output_dir`: metrics.json (metrics, per-epoch histo
 predictions.json (and nbest_predictions.json for SQuAD), and the fine-tuned model under `model/`
 (save_pretrained, with the tokenizer files) unless `--no-save-model`.
 
+The output folder is written whole as a temporary sibling and swapped in by rename, with a manifest
+(fastbert/_atomic.py): a kill leaves the old complete folder or the new one. An existing non-empty output_dir is
+refused unless `--overwrite` (never the working directory or a folder holding the data or the start model).
+SIGTERM / SIGINT: the current optimizer step is finished, the output written with the model so far and
+`"interrupted"` in metrics.json (no evaluation), one line logged, exit 143 / 130; a second signal exits at once.
+
 Caution: evaluation is on the dev / held-out split (GLUE test files carry no labels); SQuAD v2.0 is not
 supported; one process, one device (no distributed training).
 """
@@ -45,6 +51,8 @@ import tokenizers
 import torch
 from torch import nn
 
+from fastbert._atomic import absolute, atomic_folder, fault_point, refuse_dangerous_target
+from fastbert.checkpoint import save_pretrained
 from fastbert.config import FUSION_FLAGS, BertConfig
 from fastbert.models import BertForQuestionAnswering, BertForSequenceClassification
 from fastbert.tokenizer import Tokenizer
@@ -53,6 +61,9 @@ from . import squad as squad_lib
 from .classification_data import embedded_task_split
 from .cli import add_config_arguments
 from .glue import GLUE_TASKS, TextExample, classification_metrics, glue_files, read_glue_tsv
+from .signals import GracefulStop
+
+OUTPUT_KIND = "finetune-output"  # the manifest kind of a fine-tuning output folder
 
 EMBEDDED_TASKS = ("rotten_tomatoes", "bbc_news")
 TASKS = (*EMBEDDED_TASKS, *GLUE_TASKS, "squad")
@@ -93,6 +104,7 @@ class FinetuneConfig:
     # ---- run
     device: str = "auto"  # auto = cuda when available, else cpu
     output_dir: str = "runs/finetune"
+    overwrite: bool = False  # replace an existing, non-empty output_dir (its files are deleted)
     save_model: bool = True
     eval_every_epoch: bool = True  # evaluate after every epoch (the last one is always evaluated)
     log_every: int = 20  # steps
@@ -306,49 +318,70 @@ def train(
 ) -> dict:
     """The fine-tuning loop shared by every task. `make_batch(indices)` gives the model's keyword inputs
     (labels included); `evaluate(epoch)` is called after each epoch (only the last when
-    cfg.eval_every_epoch is False). Returns {"train_loss", "train_seconds", "steps", "history"}."""
+    cfg.eval_every_epoch is False). Returns {"train_loss", "train_seconds", "steps", "history"}, plus
+    "interrupted" (the signal's name) and "exit_code" when SIGTERM / SIGINT stopped it after a complete step."""
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
     scheduler = warmup_linear_decay(optimizer, int(cfg.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(cfg.seed)
     history, step, train_seconds = [], 0, 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        t0 = time.perf_counter()
-        window_loss, window_seqs, window_t0, epoch_loss = 0.0, 0, time.perf_counter(), 0.0
-        for indices in batches(n_train, cfg.batch_size, shuffle=True, generator=generator):
-            batch = {k: v.to(device, non_blocking=True) for k, v in make_batch(indices).items()}
-            with autocast(device):
-                loss = model(**batch).loss
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} (lower --lr?)")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            value = loss.item()
-            window_loss += value * len(indices)
-            epoch_loss += value * len(indices)
-            window_seqs += len(indices)
-            if step % cfg.log_every == 0 or step == total:
-                dt = time.perf_counter() - window_t0
-                log(
-                    f"epoch {epoch} step {step}/{total} loss {window_loss / window_seqs:.4f} "
-                    f"lr {scheduler.get_last_lr()[0]:.2e} {window_seqs / dt:.1f} seq/s"
-                )
-                window_loss, window_seqs, window_t0 = 0.0, 0, time.perf_counter()
-        train_seconds += time.perf_counter() - t0
-        record = {"epoch": epoch, "train_loss": epoch_loss / n_train}
-        if evaluate is not None and (cfg.eval_every_epoch or epoch == cfg.epochs):
-            record["eval"] = evaluate(epoch)
-            log(f"epoch {epoch} eval {json.dumps(record['eval'])}")
-        history.append(record)
+    with GracefulStop() as stop:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            window_loss, window_seqs, window_t0, epoch_loss = 0.0, 0, time.perf_counter(), 0.0
+            for indices in batches(n_train, cfg.batch_size, shuffle=True, generator=generator):
+                batch = {k: v.to(device, non_blocking=True) for k, v in make_batch(indices).items()}
+                with autocast(device):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(nan_loss_message(loss.item(), step, batch, scheduler.get_last_lr()[0]))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                fault_point(f"finetune:step-{step + 1}:backward")
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                value = loss.item()
+                window_loss += value * len(indices)
+                epoch_loss += value * len(indices)
+                window_seqs += len(indices)
+                if step % cfg.log_every == 0 or step == total:
+                    dt = time.perf_counter() - window_t0
+                    log(
+                        f"epoch {epoch} step {step}/{total} loss {window_loss / window_seqs:.4f} "
+                        f"lr {scheduler.get_last_lr()[0]:.2e} {window_seqs / dt:.1f} seq/s"
+                    )
+                    window_loss, window_seqs, window_t0 = 0.0, 0, time.perf_counter()
+                if stop.poll():
+                    train_seconds += time.perf_counter() - t0
+                    log(f"stopped by {stop.name} after step {step} of {total}: writing the model so far "
+                        "(no evaluation)")
+                    return {"train_loss": history[-1]["train_loss"] if history else math.nan,
+                            "train_seconds": train_seconds, "steps": step, "history": history,
+                            "interrupted": stop.name, "exit_code": stop.exit_code}
+            train_seconds += time.perf_counter() - t0
+            record = {"epoch": epoch, "train_loss": epoch_loss / n_train}
+            if evaluate is not None and (cfg.eval_every_epoch or epoch == cfg.epochs):
+                record["eval"] = evaluate(epoch)
+                log(f"epoch {epoch} eval {json.dumps(record['eval'])}")
+            history.append(record)
     return {"train_loss": history[-1]["train_loss"], "train_seconds": train_seconds, "steps": step,
             "history": history}
+
+
+def nan_loss_message(loss: float, step: int, batch: dict[str, torch.Tensor], lr: float) -> str:
+    """What a non-finite loss most likely means: bad labels in the data, bad starting weights, or the lr."""
+    labels = batch.get("labels")
+    if labels is not None and labels.is_floating_point() and not torch.isfinite(labels).all():
+        return f"loss is {loss} at step {step + 1}: this batch's labels hold NaN or inf (the data is at fault)"
+    if step == 0:
+        return (f"loss is {loss} at the first step, before any update: the starting weights or the inputs are at "
+                "fault, not the learning rate")
+    return f"loss is {loss} at step {step + 1}, after {step} finite step(s), at lr {lr:.3g}: lower --lr"
 
 
 # ---------------------------------------------------------------------------------------------- tasks
@@ -376,6 +409,11 @@ def run_classification(
     train_rows = encode_pairs(tokenizer, data.train, cfg.seq_len)
     eval_rows = encode_pairs(tokenizer, data.eval, cfg.seq_len)
     label_dtype = torch.float32 if regression else torch.int64
+    for split, examples in (("train", data.train), ("eval", data.eval)) if regression else ():
+        bad = next((i for i, ex in enumerate(examples) if not math.isfinite(ex.label)), None)
+        if bad is not None:  # the file readers already refuse these with the file and line
+            raise ValueError(f"{data.source}: {split} example {bad} has score {examples[bad].label}, not a finite "
+                             "number")
     train_labels = torch.tensor([ex.label for ex in data.train], dtype=label_dtype)
     eval_labels = np.array([ex.label for ex in data.eval])
 
@@ -395,6 +433,8 @@ def run_classification(
         return classification_metrics(cfg.task, preds, eval_labels)
 
     result = train(model, make_train_batch, len(train_rows), cfg, device, evaluate, log)
+    if not last_preds:  # interrupted before the evaluation
+        return result, []
     preds = last_preds[0]
     names = data.label_names
     predictions = []
@@ -445,6 +485,8 @@ def run_squad(
 
     result = train(model, lambda ix: squad_batch(train_features, ix, pad_id, True), len(train_features), cfg,
                    device, evaluate, log)
+    outputs.setdefault("predictions", {})  # interrupted before the evaluation
+    outputs.setdefault("nbest", {})
     return result, outputs
 
 
@@ -469,6 +511,7 @@ def finetune(
     if not data.train or not data.eval:
         raise ValueError(f"{cfg.task}: {len(data.train)} training and {len(data.eval)} evaluation examples")
     num_labels = 1 if data.label_names is None else len(data.label_names)
+    out = check_output_dir(cfg)
 
     if tokenizer is None:
         folder = resolve_init(cfg.init)
@@ -513,10 +556,11 @@ def finetune(
         extra = {}
     wall = time.perf_counter() - t0
 
+    interrupted = result.get("interrupted")
     metrics = {
         "task": cfg.task,
         "headline_metric": HEADLINE_METRIC[cfg.task],
-        "metrics": result["history"][-1]["eval"],
+        "metrics": None if interrupted else result["history"][-1]["eval"],
         "train_loss": result["train_loss"],
         "steps": result["steps"],
         "num_train": len(data.train),
@@ -528,22 +572,47 @@ def finetune(
         "history": result["history"],
         "config": dataclasses.asdict(cfg),
     }
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, blob in {"metrics.json": metrics, "predictions.json": predictions, **extra}.items():
-        (out / name).write_text(json.dumps(blob, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if cfg.save_model:
-        if data.label_names is not None:
-            model.config.extra = {
-                **model.config.extra,
-                "id2label": {str(i): name for i, name in enumerate(data.label_names)},
-                "label2id": {name: i for i, name in enumerate(data.label_names)},
-            }
-        model.save_pretrained(out / "model")
-        tokenizer.save(str(out / "model" / "tokenizer.json"))
-        tokenizer.model.save(str(out / "model"))  # vocab.txt
-    log(f"{cfg.task}: {json.dumps(metrics['metrics'])} ({wall:.1f} s); written to {out}")
+    if interrupted:
+        metrics |= {"interrupted": interrupted, "exit_code": result["exit_code"]}
+    if cfg.save_model and data.label_names is not None:
+        model.config.extra = {
+            **model.config.extra,
+            "id2label": {str(i): name for i, name in enumerate(data.label_names)},
+            "label2id": {name: i for i, name in enumerate(data.label_names)},
+        }
+
+    def add_tokenizer(folder: Path) -> None:
+        tokenizer.save(str(folder / "tokenizer.json"))
+        tokenizer.model.save(str(folder))  # vocab.txt
+
+    with atomic_folder(out, OUTPUT_KIND, task=cfg.task) as tmp:
+        blobs = {"metrics.json": metrics, **({} if interrupted else {"predictions.json": predictions, **extra})}
+        for name, blob in blobs.items():
+            (tmp / name).write_text(json.dumps(blob, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            fault_point(f"finetune:{name}-written")
+        if cfg.save_model:
+            save_pretrained(model, tmp / "model", extra_files=add_tokenizer)
+    if interrupted:
+        log(f"{cfg.task}: stopped by {interrupted} after {result['steps']} steps; model so far written to {out}")
+    else:
+        log(f"{cfg.task}: {json.dumps(metrics['metrics'])} ({wall:.1f} s); written to {out}")
     return metrics
+
+
+def check_output_dir(cfg: FinetuneConfig) -> Path:
+    """The output folder, absolute; ValueError (one line) when it may not be written (module docstring)."""
+    out = absolute(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ValueError(f"--output-dir {out} already holds files (an earlier run?); pass --overwrite to replace "
+                             "it, or choose another --output-dir")
+        inputs = [p for p in (cfg.data_dir, cfg.train_file, cfg.eval_file, cfg.tokenizer) if p]
+        if not cfg.init.startswith("preset:") and cfg.init != "minilm":
+            inputs.append(cfg.init)
+        refuse_dangerous_target(out, "--output-dir", protected=inputs)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -570,11 +639,14 @@ def parse_config(argv: list[str] | None = None) -> FinetuneConfig:
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(argv)
     try:
-        finetune(cfg)
+        metrics = finetune(cfg)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"fastbert-finetune: error: {e}", file=sys.stderr)
         return 1
-    return 0
+    except KeyboardInterrupt:  # before training started: nothing to write
+        print(f"fastbert-finetune: interrupted before training; {cfg.output_dir} is unchanged", file=sys.stderr)
+        return 130
+    return metrics.get("exit_code", 0)
 
 
 if __name__ == "__main__":

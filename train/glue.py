@@ -5,14 +5,18 @@ They are tab-separated with no quoting (sentences contain bare `"` characters), 
 never parsed as CSV. Every task but CoLA has a header row, and its columns are found by name; CoLA has none
 and is read by position (source, label, original mark, sentence).
 
-Metrics are computed with numpy only: accuracy; F1 of the positive class (MRPC, QQP); Matthews correlation
-(CoLA); Pearson and Spearman correlation (STS-B, a regression task).
+Files are UTF-8 (a byte-order mark is accepted); a score that is NaN or infinite is refused with its file and
+line. Metrics are computed with numpy only: accuracy; F1 of the positive class (MRPC, QQP); Matthews correlation
+(CoLA); Pearson and Spearman correlation (STS-B, a regression task, never scored as classification). A metric
+that is undefined (no examples, a constant prediction or label for a correlation, no positive anywhere for F1)
+is NaN, never 0.
 
 Caution: `test.tsv` files carry no labels and cannot be read for training or scoring here.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +81,11 @@ def read_glue_tsv(path: str | os.PathLike, task: str | GlueTask) -> list[TextExa
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{spec.name}: file not found: {path}")
-    with open(path, encoding="utf-8", newline="") as f:
-        lines = [line.rstrip("\r\n") for line in f]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a leading byte-order mark is dropped
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert the file to UTF-8") from None
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
@@ -113,6 +120,8 @@ def read_glue_tsv(path: str | os.PathLike, task: str | GlueTask) -> list[TextExa
                 label: int | float = float(raw)
             except ValueError:
                 raise ValueError(f"{path}:{lineno}: score {raw!r} is not a number") from None
+            if not math.isfinite(label):
+                raise ValueError(f"{path}:{lineno}: score {raw!r} is not a finite number")
         elif raw in label_ids:
             label = label_ids[raw]
         else:
@@ -132,33 +141,38 @@ def glue_files(task: str, data_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def accuracy(preds: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction right; NaN with no examples."""
     preds, labels = np.asarray(preds), np.asarray(labels)
-    return float((preds == labels).mean()) if labels.size else 0.0
+    return float((preds == labels).mean()) if labels.size else math.nan
 
 
 def f1_binary(preds: np.ndarray, labels: np.ndarray) -> float:
-    """F1 of the positive class (label 1); 0 when there is no true positive."""
+    """F1 of the positive class (label 1); 0 when there are positives but no true positive, NaN when neither
+    the predictions nor the labels hold a positive (undefined)."""
     preds, labels = np.asarray(preds) == 1, np.asarray(labels) == 1
     tp = int((preds & labels).sum())
     fp = int((preds & ~labels).sum())
     fn = int((~preds & labels).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    return 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else math.nan
 
 
 def matthews_corr(preds: np.ndarray, labels: np.ndarray) -> float:
-    """Matthews correlation of two binary labelings; 0 when either is constant (undefined)."""
+    """Matthews correlation of two binary labelings; NaN when either is constant (undefined)."""
     p, y = np.asarray(preds) == 1, np.asarray(labels) == 1
     tp, tn = float((p & y).sum()), float((~p & ~y).sum())
     fp, fn = float((p & ~y).sum()), float((~p & y).sum())
     denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-    return float((tp * tn - fp * fn) / denom) if denom > 0 else 0.0
+    return float((tp * tn - fp * fn) / denom) if denom > 0 else math.nan
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation; NaN when it is undefined (fewer than 2 values, a constant side, a NaN value)."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.size < 2 or not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
     xc, yc = x - x.mean(), y - y.mean()
     denom = np.sqrt((xc * xc).sum() * (yc * yc).sum())
-    return float((xc * yc).sum() / denom) if denom > 0 else 0.0
+    return float((xc * yc).sum() / denom) if denom > 0 else math.nan
 
 
 def rankdata(x: np.ndarray) -> np.ndarray:
@@ -176,14 +190,25 @@ def rankdata(x: np.ndarray) -> np.ndarray:
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation; NaN when undefined (as `pearson`, a NaN value included)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if not (np.isfinite(x).all() and np.isfinite(y).all()):
+        return math.nan
     return pearson(rankdata(x), rankdata(y))
 
 
 def classification_metrics(task: str, preds: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """The metrics a task is scored with. `preds` are label ids, or float scores for a regression task."""
-    if task in GLUE_TASKS and GLUE_TASKS[task].is_regression:
+    """The metrics a task is scored with. `preds` are label ids, or float scores for a regression task (STS-B,
+    under any spelling of its name: `stsb`, `STS-B`, `sts_b`); label ids that are not integers are refused."""
+    key = task.lower().replace("-", "").replace("_", "")
+    if key in GLUE_TASKS and GLUE_TASKS[key].is_regression:
         p, s = pearson(preds, labels), spearman(preds, labels)
         return {"pearson": p, "spearman": s, "corr": (p + s) / 2}
+    for name, values in (("preds", preds), ("labels", labels)):
+        values = np.asarray(values)
+        if values.dtype.kind == "f" and not (np.isfinite(values).all() and (values == np.round(values)).all()):
+            raise ValueError(f"{task} is scored as classification but {name} holds non-integer values "
+                             "(a regression task's scores?)")
     out = {"accuracy": accuracy(preds, labels)}
     if task in ("mrpc", "qqp"):
         out["f1"] = f1_binary(preds, labels)

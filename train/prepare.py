@@ -17,8 +17,12 @@ by `train.dataset.PretrainingDataset`, with a fresh seeded draw every epoch):
     splits      documents (not instances) are split into train / held-out, so no held-out text is trained on;
                 a random B comes from the same split
 
-Output directory (one per sequence length, e.g. phase 1 at 128 and phase 2 at 512):
+Output directory (one per sequence length, e.g. phase 1 at 128 and phase 2 at 512), written as a temporary
+sibling folder and swapped in by rename when complete (fastbert/_atomic.py). An existing --out-dir is replaced
+only when it is empty or a previous fastbert-prepare output (its manifest says so); anything else is refused
+unless --overwrite, and the working directory or a folder holding an input never:
 
+    fastbert-manifest.json      written last: kind "prepared-data", each file's size and sha256
     meta.json                   format version, options, special-token ids, counts
     vocab.txt                   the vocabulary the ids refer to
     {split}.tokens.npy          A and B of every instance back to back (uint16, or int32 past 65,536 ids)
@@ -46,12 +50,24 @@ from pathlib import Path
 
 import numpy as np
 
+from fastbert._atomic import (
+    absolute,
+    atomic_folder,
+    fault_point,
+    manifest_kind,
+    recover,
+    refuse_dangerous_target,
+    verify_manifest,
+)
 from fastbert.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from .cli import add_config_arguments
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "heldout")
+DATA_KIND = "prepared-data"  # the manifest kind of a fastbert-prepare output
+_OUTPUT_NAMES = frozenset({"meta.json", "vocab.txt"} | {f"{s}.{a}.npy" for s in SPLITS
+                                                        for a in ("tokens", "offsets", "len_a", "is_random_next")})
 
 
 # ---------------------------------------------------------------------------------------------- sentences
@@ -171,16 +187,30 @@ def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowe
     return out_dir / "vocab.txt"
 
 
-def tokenize_documents(tok, documents: list[list[str]]) -> list[list[list[int]]]:
-    """documents of sentences → documents of token-id lists (empty sentences and documents dropped)."""
+def tokenize_documents(tok, documents: list[list[str]], max_sentence_tokens: int | None = None,
+                       stats: dict | None = None) -> list[list[list[int]]]:
+    """documents of sentences → documents of token-id lists (empty sentences and documents dropped).
+
+    A sentence longer than `max_sentence_tokens` (a document that is one giant "sentence": no punctuation the
+    splitter knows, a table, a list) is cut into consecutive pieces of at most that many tokens, so no instance
+    has to drop most of it; `stats["split_sentences"]` / `["split_pieces"]` count them."""
     flat = [s for d in documents for s in d]
     ids = [e.ids for e in tok.encode_batch(flat, add_special_tokens=False)]
-    out, i = [], 0
+    out, i, n_split, n_pieces = [], 0, 0, 0
     for d in documents:
-        sents = [s for s in ids[i:i + len(d)] if s]
+        sents = []
+        for s in ids[i:i + len(d)]:
+            if max_sentence_tokens is not None and len(s) > max_sentence_tokens:
+                pieces = [s[k:k + max_sentence_tokens] for k in range(0, len(s), max_sentence_tokens)]
+                n_split, n_pieces = n_split + 1, n_pieces + len(pieces)
+                sents.extend(pieces)
+            elif s:
+                sents.append(s)
         i += len(d)
         if sents:
             out.append(sents)
+    if stats is not None:
+        stats.update(split_sentences=n_split, split_pieces=n_pieces)
     return out
 
 
@@ -265,9 +295,20 @@ def write_split(out_dir: Path, split: str, instances: list[tuple[list[int], list
     np.cumsum(lengths, out=offsets[1:])
     tokens = np.fromiter((t for a, b, _ in instances for t in (*a, *b)), dtype=dtype, count=int(offsets[-1]))
     np.save(out_dir / f"{split}.tokens.npy", tokens)
+    fault_point(f"prepare:{split}.tokens-written")
     np.save(out_dir / f"{split}.offsets.npy", offsets)
     np.save(out_dir / f"{split}.len_a.npy", np.array([len(a) for a, _, _ in instances], dtype=np.int32))
     np.save(out_dir / f"{split}.is_random_next.npy", np.array([r for _, _, r in instances], dtype=np.uint8))
+
+
+def load_array(path: Path, mmap: bool = False) -> np.ndarray:
+    """np.load of one prepared array; a truncated or corrupt file is a ValueError that names it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; prepare the data again (fastbert-prepare)") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({e}); prepare the data again (fastbert-prepare)") from None
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -283,6 +324,7 @@ class PrepareConfig:
     short_seq_prob: float = 0.1  # fraction of instances aimed at a random shorter length
     heldout_fraction: float = 0.02  # of the documents, for evaluation (0 = no held-out split)
     seed: int = 12345
+    overwrite: bool = False  # replace an out_dir that is not a previous fastbert-prepare output (deleting it)
 
     def validate(self) -> None:
         if not 8 <= self.max_seq_len <= 4096:
@@ -300,11 +342,37 @@ class PrepareConfig:
 
 
 def is_prepared(out_dir: str | os.PathLike) -> bool:
-    """True when `out_dir` holds a complete dataset (meta.json is written last)."""
-    meta = Path(out_dir) / "meta.json"
+    """True when `out_dir` holds a complete dataset of this format. Its manifest (when there is one) is checked
+    for sizes — cheap, and it catches truncated files — and ValueError names a file that does not match."""
+    out_dir = Path(out_dir)
+    recover(out_dir)
+    meta = out_dir / "meta.json"
     if not meta.is_file():
         return False
-    return json.loads(meta.read_text()).get("format_version") == FORMAT_VERSION
+    verify_manifest(out_dir, hashes=False)
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def _is_own_output(folder: Path) -> bool:
+    """A previous fastbert-prepare output: its manifest says so, or (written before manifests) it holds only the
+    files prepare writes, meta.json included."""
+    if manifest_kind(folder) == DATA_KIND:
+        return True
+    names = {p.name for p in folder.iterdir()}
+    return "meta.json" in names and names <= _OUTPUT_NAMES
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | os.PathLike]) -> None:
+    """The refusal rule of the module docstring (ValueError, one line)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out-dir {out_dir} is a file, not a folder")
+    refuse_dangerous_target(out_dir, "--out-dir", protected=inputs)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite and not _is_own_output(out_dir):
+        raise ValueError(f"--out-dir {out_dir} exists and is not a fastbert-prepare output; choose a new or empty "
+                         "folder, or pass --overwrite to replace it (its files are deleted)")
 
 
 def prepare(cfg: PrepareConfig, log=print) -> dict:
@@ -324,21 +392,24 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
     vocab_path = Path(cfg.vocab) if cfg.vocab else (None if cfg.vocab_size else default_vocab_path())
     if vocab_path is not None and not vocab_path.is_file():
         raise FileNotFoundError(f"vocab file not found: {vocab_path}")
+    out_dir = absolute(cfg.out_dir)
+    recover(out_dir)
+    check_out_dir(out_dir, cfg.overwrite, [*inputs, *([cfg.vocab] if cfg.vocab else [])])
     docs_text = read_documents(inputs)
     log(f"read {len(docs_text)} documents, {sum(map(len, docs_text))} sentences from {len(inputs)} file(s)")
 
-    out_dir = Path(cfg.out_dir)
-    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_folder(out_dir, DATA_KIND, format_version=FORMAT_VERSION) as tmp:
         if vocab_path is None:
             vocab_path = train_vocab(docs_text, cfg.vocab_size, tmp, cfg.lowercase)
             log(f"trained a WordPiece vocabulary of {cfg.vocab_size} on the corpus")
         else:
             shutil.copyfile(vocab_path, tmp / "vocab.txt")
         tok = Tokenizer.from_file(tmp / "vocab.txt", lowercase=cfg.lowercase).backend_tokenizer
-        docs = tokenize_documents(tok, docs_text)
+        split_stats: dict = {}
+        docs = tokenize_documents(tok, docs_text, cfg.max_seq_len - 3, split_stats)
+        if split_stats["split_sentences"]:
+            log(f"note: {split_stats['split_sentences']} sentence(s) longer than {cfg.max_seq_len - 3} tokens (one "
+                f"giant 'sentence' each) were cut into {split_stats['split_pieces']} pieces")
         if len(docs) < 2:
             raise ValueError(f"need at least 2 non-empty documents, got {len(docs)}")
 
@@ -381,12 +452,6 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         }
         with open(tmp / "meta.json", "w") as f:
             json.dump(meta, f, indent=2)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     c = counts["train"]
     log(
         f"wrote {out_dir}: {c['instances']} train / {counts['heldout']['instances']} held-out instances "
@@ -416,6 +481,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastbert-prepare: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"fastbert-prepare: interrupted; {cfg.out_dir} is unchanged", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,20 +24,30 @@ token (f = fraction of tokens with an MLM prediction) and the peak from `PEAK_FL
 spec; MFU is omitted on CPU and on unknown GPUs). At the end: held-out MLM / NSP evaluation (also every
 `eval_every` steps), <out_dir>/loss.png, and the model in Hugging Face format in <out_dir>/model/.
 
+The run folder: a fresh run refuses an --out-dir that already holds files unless `--resume` (continue it) or
+`--overwrite` (replace it; never the working directory or a folder holding the data); `fastbert-run.json` in it
+names the run (its run id is in every checkpoint, and rotation deletes only that run's checkpoints). SIGTERM or
+SIGINT: the current step is finished, a checkpoint written, one line logged, exit 143 / 130 (train/signals.py);
+`--resume` then continues bitwise as if uninterrupted. `--resume` verifies the newest checkpoint and falls back
+to the previous one when it is corrupt, drops a partial last line of log.jsonl, and refuses a different dataset
+(a fingerprint of its meta.json and file sizes is stored) as it refuses a changed lr.
+
 Caution: the data position is the optimizer step, so resuming needs the same global batch
-(micro_batch_size × grad_accum × world size) — checked, with a clear error.
+(micro_batch_size × grad_accum × world size) — checked, with a clear error. A resumed run's first log window
+starts at the resume step (windows differ from the uninterrupted run's unless the stop was on a log step).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -45,14 +55,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastbert._atomic import absolute, fault_point, refuse_dangerous_target, write_text_atomic
 from fastbert.config import BertConfig
 from fastbert.flops import train_flops_per_token
 from fastbert.models import BertForPreTraining
 
 from . import distributed
 from .checkpointing import (
-    latest_checkpoint,
-    load_checkpoint,
+    checkpoint_dir,
+    list_checkpoints,
+    load_latest_good,
     load_model_weights,
     rng_state,
     save_checkpoint,
@@ -61,8 +73,11 @@ from .checkpointing import (
 )
 from .cli import add_config_arguments
 from .dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, warmup_poly_factor
 from .prepare import PrepareConfig, is_prepared, prepare
+from .signals import GracefulStop, ignore_in_worker
+
+RUN_MARKER = "fastbert-run.json"  # names the run a run folder holds (kind, run id)
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -111,7 +126,8 @@ class PretrainConfig:
     eval_samples: int = 2000  # held-out sequences per evaluation
     checkpoint_every: int = 1000  # 0 = only at the end
     keep_checkpoints: int = 2  # newest checkpoints kept (0 = all)
-    resume: bool = False  # continue from the newest checkpoint in out_dir
+    resume: bool = False  # continue from the newest good checkpoint in out_dir
+    overwrite: bool = False  # replace an out_dir holding another run or other files (they are deleted)
     stop_at_step: int = 0  # stop (with a checkpoint) after this step, as a time-limited job would; 0 = off
     progress: bool = True  # tqdm progress bar
     demo: bool = False  # the CPU demo settings (DEMO below), applied over the preset
@@ -143,6 +159,8 @@ class PretrainConfig:
             raise ValueError(f"device must be auto, cuda or cpu, got {self.device!r}")
         if self.decay_power <= 0:
             raise ValueError(f"decay_power must be > 0, got {self.decay_power}")
+        if self.resume and self.overwrite:
+            raise ValueError("give --resume (continue the run in out_dir) or --overwrite (replace it), not both")
 
     @classmethod
     def from_preset(cls, preset: str = "tiny", demo: bool = False, **overrides: Any) -> PretrainConfig:
@@ -222,12 +240,34 @@ def ensure_data(cfg: PretrainConfig, info: distributed.DistInfo) -> Path:
         return path
     vocab = f"-vocab{cfg.vocab_size}" if cfg.vocab_size else ""
     path = Path(cfg.data_cache) / f"wiki-T{cfg.max_seq_len}-dupe{cfg.dupe_factor}{vocab}"
-    if info.is_main and not is_prepared(path):
+    try:
+        ready = is_prepared(path)
+    except ValueError as e:  # fastbert's own cache, damaged (a truncated file): made again
+        print(f"note: the prepared corpus is damaged ({e}); preparing it again", flush=True)
+        ready = False
+    if info.is_main and not ready:
         print(f"preparing the embedded Wikipedia corpus in {path} (once) ...", flush=True)
         prepare(PrepareConfig(out_dir=str(path), max_seq_len=cfg.max_seq_len, dupe_factor=cfg.dupe_factor,
                               vocab_size=cfg.vocab_size))
     distributed.barrier()
     return path
+
+
+def _on_main(info: distributed.DistInfo, fn):
+    """Run `fn` on rank 0 and hand its result (or its ValueError / FileNotFoundError) to every rank."""
+    if not info.enabled:
+        return fn()
+    box: list[Any] = [None]
+    if info.is_main:
+        try:
+            box[0] = ("ok", fn())
+        except (ValueError, FileNotFoundError, FloatingPointError) as e:
+            box[0] = (type(e).__name__, str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "ok":
+        return value
+    raise {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(kind, FloatingPointError)(value)
 
 
 def resolve_precision(cfg: PretrainConfig, device: torch.device) -> torch.dtype:
@@ -258,13 +298,78 @@ _RESUME_KEYS = (
 )
 
 
-def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, global_batch: int) -> None:
+def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, global_batch: int,
+                    fingerprint: dict[str, Any] | None = None) -> None:
     diffs = [f"{k}: {saved['config'][k]!r} → {getattr(cfg, k)!r}" for k in _RESUME_KEYS
              if saved["config"].get(k) != getattr(cfg, k)]
     if saved["global_batch"] != global_batch:
         diffs.append(f"global batch: {saved['global_batch']} → {global_batch}")
+    old = saved.get("data_fingerprint")
+    if fingerprint is not None and old is not None and old != fingerprint:
+        changed = sorted(k for k in set(old["files"]) | set(fingerprint["files"])
+                         if old["files"].get(k) != fingerprint["files"].get(k))
+        what = f"files {', '.join(changed)} differ in size" if changed else "its meta.json differs"
+        before, after = saved["config"].get("data_dir") or "embedded corpus", cfg.data_dir or "embedded corpus"
+        diffs.append(f"dataset: {before} → {after} ({what})")
     if diffs:
         raise ValueError("cannot resume exactly, these options differ from the checkpoint's: " + "; ".join(diffs))
+
+
+def data_fingerprint(data_dir: Path) -> dict[str, Any]:
+    """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the sizes of its arrays and
+    vocabulary (files added to the folder by hand do not count)."""
+    meta = (data_dir / "meta.json").read_bytes()
+    files = {p.name: p.stat().st_size for p in sorted(data_dir.iterdir())
+             if p.is_file() and (p.suffix == ".npy" or p.name == "vocab.txt")}
+    return {"meta_sha256": hashlib.sha256(meta).hexdigest(), "files": files}
+
+
+def prepare_run_dir(cfg: PretrainConfig, data_dir: Path) -> str:
+    """Check (and for a fresh run create) the run folder; returns the run id. See the module docstring."""
+    out = absolute(cfg.run_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out-dir {out} is a file, not a folder")
+    marker = out / RUN_MARKER
+    run_info = None
+    if marker.is_file():
+        try:
+            run_info = json.loads(marker.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            run_info = None
+    if cfg.resume:
+        if not list_checkpoints(out):
+            raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_dir(out)}")
+        if isinstance(run_info, dict) and isinstance(run_info.get("run_id"), str):
+            return run_info["run_id"]
+        # A run folder written before run ids: adopt it under a new id (its old checkpoints are never rotated).
+        run_id = uuid.uuid4().hex[:12]
+        write_text_atomic(marker, json.dumps({"fastbert": "pretrain-run", "run_id": run_id}, indent=2) + "\n")
+        return run_id
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            held = (f"the fastbert run {run_info.get('run_id')}" if isinstance(run_info, dict) else "files")
+            raise ValueError(f"--out-dir {out} already holds {held}; pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out-dir")
+        refuse_dangerous_target(out, "--out-dir", protected=[data_dir, *([cfg.init_from] if cfg.init_from else [])])
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    write_text_atomic(marker, json.dumps({"fastbert": "pretrain-run", "run_id": run_id, "created": time.time()},
+                                         indent=2) + "\n")
+    return run_id
+
+
+def nan_message(step: int, start_step: int, cfg: PretrainConfig) -> str:
+    """What a non-finite loss at optimizer step `step` (1-based) most likely means."""
+    if step == start_step + 1:
+        start = ("the checkpoint it resumed from" if cfg.resume else
+                 f"the weights from --init-from {cfg.init_from}" if cfg.init_from else "a fresh initialisation")
+        return (f"the loss is not finite at step {step}, the first step of this run, before any update: the "
+                f"starting weights ({start}) or the data are at fault, not the learning rate")
+    lr = cfg.lr * warmup_poly_factor(step - 1, cfg.warmup_steps, cfg.max_steps, cfg.decay_power)
+    return (f"the loss is not finite at step {step}, after {step - 1 - start_step} finite step(s) of this run, at "
+            f"lr {lr:.3g}: training diverged; lower --lr, lengthen --warmup-steps, keep --clip-grad-norm on, or "
+            f"use --precision fp32 / bf16 (precision {cfg.precision})")
 
 
 @torch.no_grad()
@@ -319,22 +424,36 @@ def plot_losses(records: list[dict[str, Any]], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)  # then renamed: a kill never leaves half a PNG under the final name
     plt.close(fig)
+    tmp.replace(path)
 
 
 class JsonlLog:
-    """Appends records to <out_dir>/log.jsonl (rank 0); on resume, drops the records past the checkpoint."""
+    """Appends records to <out_dir>/log.jsonl (rank 0); on resume, drops the records past the checkpoint and a
+    partial last line (a crash while writing it), with a note."""
 
-    def __init__(self, path: Path, enabled: bool, resume_step: int | None):
+    def __init__(self, path: Path, enabled: bool, resume_step: int | None, note=print):
         self.path, self.enabled, self.records = path, enabled, []
         if not enabled:
             return
         if resume_step is not None and path.is_file():
-            with open(path) as f:
-                self.records = [r for r in map(json.loads, f) if r["step"] <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in self.records)
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+            for i, line in enumerate(lines):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if i == last:
+                        note(f"note: dropped the partial last line {i + 1} of {path} (written when the run stopped)")
+                        break
+                    raise ValueError(f"{path}:{i + 1}: not a JSON record ({e}); fix or delete that line") from None
+                if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= resume_step:
+                    self.records.append(record)
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records))
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -348,13 +467,18 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Run (or resume) a pretraining; returns the final held-out metrics and the output paths."""
     cfg.validate()
     info = distributed.setup(cfg.device)
+    stopper = GracefulStop(info.world_size)  # armed when the training loop starts
+    failed = True
     try:
-        return _pretrain(cfg, info)
+        result = _pretrain(cfg, info, stopper)
+        failed = False
+        return result
     finally:
+        stopper.close(failed)
         distributed.cleanup()
 
 
-def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]:
+def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo, stopper: GracefulStop) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     t_start = time.time()
@@ -368,8 +492,10 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # ---- data
+    # ---- data, run folder
     data_dir = ensure_data(cfg, info)
+    run_id = _on_main(info, lambda: prepare_run_dir(cfg, data_dir))
+    fingerprint = data_fingerprint(data_dir)
     train_ds = PretrainingDataset(data_dir, "train", seed=cfg.seed, mask_prob=cfg.mask_prob,
                                   max_predictions=cfg.max_predictions)
     heldout = PretrainingDataset(data_dir, "heldout", seed=cfg.seed + 1, mask_prob=cfg.mask_prob,
@@ -403,11 +529,17 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
 
     start_step, saved = 0, None
     if cfg.resume:
-        ckpt = latest_checkpoint(out_dir)
-        if ckpt is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {out_dir / 'checkpoints'}")
-        saved = load_checkpoint(ckpt, model, optimizer, scheduler, scaler)
-        check_resumable(saved, cfg, global_batch)
+        # Rank 0 verifies and loads the newest good checkpoint; the other ranks load the one it picked.
+        picked: dict[str, Any] = {}
+
+        def pick() -> str:
+            path, picked["state"] = load_latest_good(out_dir, model, optimizer, scheduler, scaler, warn=say)
+            return str(path)
+
+        ckpt = Path(_on_main(info, pick))
+        saved = picked.get("state") or load_latest_good(out_dir, model, optimizer, scheduler, scaler, warn=say,
+                                                        only=ckpt, verify=False)[1]
+        check_resumable(saved, cfg, global_batch, fingerprint)
         start_step = saved["step"]
         say(f"resumed from {ckpt} at step {start_step}")
     end_step = min(cfg.max_steps, cfg.stop_at_step) if cfg.stop_at_step else cfg.max_steps
@@ -423,7 +555,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                                cfg.seed, start_step, max(0, end_step - start_step))
     loader = torch.utils.data.DataLoader(
         train_ds, batch_sampler=sampler, collate_fn=collate, num_workers=cfg.num_workers,
-        pin_memory=dev.type == "cuda",
+        pin_memory=dev.type == "cuda", worker_init_fn=ignore_in_worker if cfg.num_workers else None,
     )
     batches = iter(loader)
     # The RNG states are set last: building the model and starting the loader iterator draw random numbers.
@@ -435,13 +567,11 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                 "fresh dropout RNG streams")
         torch.manual_seed(cfg.seed + 1000 * (info.rank + 1))  # dropout streams differ by rank
 
+    log = JsonlLog(out_dir / "log.jsonl", info.is_main, start_step if cfg.resume else None, note=say)
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    log = JsonlLog(out_dir / "log.jsonl", info.is_main, start_step if cfg.resume else None)
-    if info.is_main:
-        with open(out_dir / "config.json", "w") as f:
-            json.dump({"pretrain": asdict(cfg), "model": mcfg.to_dict(), "data_dir": str(data_dir),
-                       "world_size": info.world_size}, f, indent=2)
+        write_text_atomic(out_dir / "config.json", json.dumps(
+            {"pretrain": asdict(cfg), "model": mcfg.to_dict(), "data_dir": str(data_dir), "run_id": run_id,
+             "world_size": info.world_size}, indent=2))
     n_params = sum(p.numel() for p in model.parameters())
     peak = peak_flops(dev)
     say(
@@ -459,19 +589,35 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                dynamic_ncols=True)
 
     def save(step: int) -> Path | None:
+        check_finite()  # never a checkpoint of NaN weights
         states = [rng_state()]
         if info.enabled:
             states = [None] * info.world_size
             torch.distributed.all_gather_object(states, rng_state())
         path = None
         if info.is_main:
-            extra = {"config": asdict(cfg), "global_batch": global_batch, "world_size": info.world_size}
-            path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, {**extra, "rng": states},
-                                   vocab=data_dir / "vocab.txt", keep=cfg.keep_checkpoints)
+            extra = {"config": asdict(cfg), "global_batch": global_batch, "world_size": info.world_size,
+                     "data_fingerprint": fingerprint}
+            path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, extra,
+                                   vocab=data_dir / "vocab.txt", keep=cfg.keep_checkpoints, run_id=run_id, rng=states)
         distributed.barrier()
         return path
 
-    ckpt_path = None
+    # The first step whose loss is not finite, tracked on the device (read at log and checkpoint steps only).
+    step_t = torch.tensor(start_step, dtype=torch.int64, device=dev)
+    first_bad = torch.full((), -1, dtype=torch.int64, device=dev)
+
+    def check_finite() -> None:
+        bad = first_bad.clone()
+        if info.enabled:  # the earliest step any rank saw (every rank calls this at the same steps)
+            bad = torch.where(bad > 0, bad, torch.full_like(bad, end_step + 1))
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(bad.item())
+        if 0 < bad_step <= end_step:
+            raise FloatingPointError(nan_message(bad_step, start_step, cfg))
+
+    ckpt_path, ckpt_step, done, stopped = None, None, start_step, None
+    stopper.arm()
     for step in range(start_step, end_step):
         micro = [next(batches) for _ in range(cfg.grad_accum)]
         # Global normalisers, so each micro-batch's loss is its share of the global-batch mean.
@@ -490,6 +636,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                 loss = (out.mlm_loss * (out.mlm_count.double() * w / n_masked).float()
                         + out.nsp_loss * (len(b["input_ids"]) * w / global_batch))
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+            first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), step_t + 1, first_bad)
             nsp_correct = (out.seq_relationship_logits.detach().argmax(-1) == b["next_sentence_label"]).sum()
             window[:7] += torch.stack([
                 out.mlm_loss.detach().double() * out.mlm_count, out.mlm_correct.double(), out.mlm_count.double(),
@@ -497,6 +644,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
                 torch.tensor(float(len(b["input_ids"])), dtype=torch.float64, device=dev),
                 b["attention_mask"].sum().double(),
             ])
+        fault_point(f"pretrain:step-{step + 1}:backward")
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.clip_grad_norm > 0:
@@ -513,11 +661,13 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        step_t += 1
         window_steps += 1
         bar.update(1)
         done = step + 1
 
         if done % cfg.log_every == 0 or done == end_step:
+            check_finite()
             distributed.all_reduce_sum(window[:7])
             mlm_l, mlm_c, mlm_n, nsp_l, nsp_c, seqs, toks, gn = window.tolist()
             dt = time.perf_counter() - t_window
@@ -551,19 +701,24 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
             t_window += time.perf_counter() - t_eval  # keep evaluation out of the throughput figures
         if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or is_last:
             t_ckpt = time.perf_counter()
-            ckpt_path = save(done)
+            ckpt_path, ckpt_step = save(done), done
             t_window += time.perf_counter() - t_ckpt
+        stopped = stopper.poll()
+        if stopped:
+            if ckpt_step != done:
+                ckpt_path, ckpt_step = save(done), done
+            say(f"stopped by {stopper.name} after step {done}: checkpoint {ckpt_path} written; continue with "
+                "--resume")
+            break
     bar.close()
 
-    result: dict[str, Any] = {"step": end_step, "checkpoint": str(ckpt_path) if ckpt_path else None, **last_eval}
+    result: dict[str, Any] = {"step": done, "checkpoint": str(ckpt_path) if ckpt_path else None, **last_eval}
+    if stopped:
+        result["signal"], result["exit_code"] = stopper.name, stopper.exit_code
     if info.is_main:
-        if end_step == cfg.max_steps:
+        if done == cfg.max_steps:
             final = out_dir / "model"
-            tmp = out_dir / f".tmp-model-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            save_model_folder(model, tmp, data_dir / "vocab.txt")
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
+            save_model_folder(model, final, data_dir / "vocab.txt", overwrite=True)
             result["model"] = str(final)
         if any(r["kind"] == "train" for r in log.records):
             plot_losses(log.records, out_dir / "loss.png")
@@ -581,6 +736,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
             say(f"held-out MLM accuracy {last_eval['eval_mlm_acc']:.3f} (loss {last_eval['eval_mlm_loss']:.3f}, "
                 f"perplexity {math.exp(min(50.0, last_eval['eval_mlm_loss'])):.1f}), "
                 f"NSP accuracy {last_eval['eval_nsp_acc']:.3f}")
+    distributed.barrier()  # no rank exits (and has torchrun stop the others) while rank 0 is still writing
     return result
 
 
@@ -612,11 +768,14 @@ def main(argv: list[str] | None = None) -> int:
         if print_only:
             print(json.dumps(asdict(cfg), indent=2))
             return 0
-        pretrain(cfg)
-    except (ValueError, FileNotFoundError) as e:
+        result = pretrain(cfg)
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"fastbert-pretrain: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    except KeyboardInterrupt:  # before the training loop (data, model): nothing to save yet
+        print("fastbert-pretrain: interrupted before training started; nothing written", file=sys.stderr)
+        return 130
+    return result.get("exit_code", 0)
 
 
 if __name__ == "__main__":

@@ -58,10 +58,12 @@ def read_squad(path: str | os.PathLike) -> list[SquadExample]:
     if not path.is_file():
         raise FileNotFoundError(f"SQuAD file not found: {path}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is accepted
             blob = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
     if not isinstance(blob, dict) or not isinstance(blob.get("data"), list):
         raise ValueError(f"{path}: expected a JSON object with a 'data' list (SQuAD v1.1 format)")
 

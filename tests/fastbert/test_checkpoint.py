@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import fastbert
+from fastbert._atomic import MANIFEST_NAME
 from fastbert.checkpoint import CONFIG_NAME, PYTORCH_NAME, SAFETENSORS_NAME
 from fastbert.config import FUSION_FLAGS
 from tests.helpers import require
@@ -52,7 +53,8 @@ def test_round_trip_through_transformers_is_exact(tmp_path, monkeypatch, cls_nam
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ours = small_model(cls_name, **overrides)
     ours.save_pretrained(tmp_path / "ours")
-    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [CONFIG_NAME, SAFETENSORS_NAME]  # no temp files
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == [CONFIG_NAME, MANIFEST_NAME, SAFETENSORS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours"]  # no temporary folders left beside it
 
     theirs, info = getattr(transformers, cls_name).from_pretrained(
         tmp_path / "ours", output_loading_info=True, local_files_only=True
@@ -161,13 +163,16 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         small_model("BertModel", seed=2).save_pretrained(tmp_path)
     assert (tmp_path / SAFETENSORS_NAME).read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, SAFETENSORS_NAME]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, MANIFEST_NAME, SAFETENSORS_NAME]
 
 
 # ---------------------------------------------------------------------------------------------- errors
 @pytest.fixture
 def saved(tmp_path) -> Path:
+    """A folder as `transformers` writes it: no fastbert manifest, so the loader's own checks are what is tested
+    (tests/fastbert/test_checkpoint_manifest.py covers the manifest)."""
     small_model("BertModel").save_pretrained(tmp_path)
+    (tmp_path / MANIFEST_NAME).unlink()
     return tmp_path
 
 

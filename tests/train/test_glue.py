@@ -98,7 +98,7 @@ def test_accuracy_f1_matthews_against_hand_counts():
     assert f1_binary(preds, labels) == pytest.approx(2 * tp / (2 * tp + fp + fn))
     mcc = (tp * tn - fp * fn) / np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     assert matthews_corr(preds, labels) == pytest.approx(mcc)
-    assert matthews_corr(np.ones(4), np.array([1, 0, 1, 0])) == 0.0  # constant prediction: undefined → 0
+    assert np.isnan(matthews_corr(np.ones(4), np.array([1, 0, 1, 0])))  # constant prediction: undefined → NaN
     assert f1_binary(np.zeros(3), np.ones(3)) == 0.0
 
 
