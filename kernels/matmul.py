@@ -20,12 +20,35 @@ which is the point: unfused, bias and GELU each read and write the ``M·N`` outp
 
 Program order is grouped (``GROUP_M`` row-tiles share a column sweep) so the W tiles stay in L2.
 
-Caution: no split-K and no persistent/TMA variant (small-M, huge-K shapes are not its strength); bf16 cannot
-run through Triton's interpreter (its ``tl.dot`` is wrong on bf16), so bf16 is checked only on a GPU.
+Which GEMM runs (the GEMM path switch). Every GEMM fastbert owns has two implementations behind one function
+(`kernels.qkv_projection`, `kernels.linear_bias_gelu`): ``"cublas"`` — ``torch.addmm`` (cuBLASLt fuses the bias)
+followed, where an activation is wanted, by the Triton GELU epilogue of `kernels.bias_gelu` — and ``"triton"`` — this
+kernel, with bias, GELU and the pre-activation store fused into the GEMM. The default is ``"cublas"`` for every
+kind (`GEMM_KINDS`) on every device: no GPU measurement exists yet that shows this kernel faster than cuBLAS for
+any BERT shape (`benchmarks/results/` has none), and cuBLAS is the GEMM to beat. Switch with the environment
+variable ``FASTBERT_GEMM`` read at import (``triton``, ``cublas``, or per kind ``qkv=triton,bias_gelu=cublas``)
+or `set_gemm_backend(kind, backend)`; `gemm_backend(kind)` says which one a launch takes and
+`fastbert.fused.fusion_report` reports it per layer.
+
+Autotuning without a storm. With unpadding, ``M`` (the number of real tokens) changes nearly every batch, so the
+autotune key holds `m_bucket(M)` (a power of two between 64 and 8192, everything above 4096 rows in one
+bucket: at most 8 tunings per kernel, dtype and epilogue), not ``M``; N and K stay exact (fixed per model). Under
+``torch.distributed`` with more than one rank, ranks would otherwise tune apart — each on its own ``M`` and its
+own timings — and may pick different configs, so there the autotuner is bypassed: every rank launches the fixed
+config `fixed_tile` picks for the bucket (a table from compile-time data, no timing; the same on every rank by
+construction). ``FASTBERT_GEMM_AUTOTUNE=0`` takes the same fixed table in a single process (no tuning at all,
+e.g. before CUDA-graph capture). Rank 0 tuning and broadcasting was rejected: a broadcast inside a launch is a
+collective every rank must reach at once, but ranks see different ``M`` and so tune at different steps.
+
+Caution: no split-K and no persistent/TMA variant (small-M, huge-K shapes are not its strength): it compiles to
+wgmma with cp.async loads (compile-time evidence, `python -m kernels.aot_check`), which is why cuBLAS stays the
+default; bf16 cannot run through Triton's interpreter (its ``tl.dot`` is wrong on bf16), so bf16 is checked only on
+a GPU.
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -46,19 +69,21 @@ GELU_CODES = {"none": ACT_GELU_ERF, "tanh": ACT_GELU_TANH}  # `approximate=` val
 # from the ptxas bundled with triton), NOT from GPU timings; a GPU session must still time them. Rule: nothing in
 # a list spills more than a few bytes or needs more than the 227 KB of shared memory per block. What the data
 # showed:
-# - fp16/bf16 without activation (QKV split, plain linear): wgmma-sized tiles, 128×256 for the big BERT GEMMs and
-#   64-wide for small M or N, all clean.
+# - fp16/bf16 without activation (QKV split, plain linear): wgmma-sized tiles, 64-wide for small M or N, all
+#   clean. 128×256×64 (8 warps) was dropped: ptxas warns C7515 ("wgmma.mma_async instructions are serialized")
+#   for it, i.e. the wide tile's MMAs do not overlap.
 # - with the GELU epilogue (+ stored pre-activation) the fp32 epilogue math pushes 4-warp 128×128 and 128×256
-#   (even with 16 warps, for erf) to 255 registers and 16-320 B of spills; 8-warp 128×128 and 64×256 stay clean.
+#   (even with 16 warps, for erf) to 255 registers and 16-320 B of spills; 8-warp 128×128 stays clean. 64×256×64
+#   (8 warps) compiles without spills but draws the same C7515 warning: dropped.
 # - fp32 with TF32: operands take twice the shared memory, so BLOCK_K = 32 for the big tiles (128×256×64 with 3
 #   stages needs 288 KB); with GELU, 128×256 and 4-warp 128×128 spill ~520 B.
 # - fp32 exact (IEEE, FMA, no tensor cores): the 16-bit tiles spill heavily; small tiles only (128×128×32
 #   with 8 warps sits at 250-255 registers and spills with GELU: left out).
 _TILES: dict[tuple[str, bool], list[tuple[int, int, int, int, int]]] = {  # (operands, GELU epilogue) -> tiles
-    ("16bit", False): [(128, 256, 64, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-                       (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)],
-    ("16bit", True): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 256, 64, 8, 3), (128, 128, 32, 8, 4),
-                      (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
+    ("16bit", False): [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
+                       (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)],
+    ("16bit", True): [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 32, 8, 4), (128, 64, 64, 4, 4),
+                      (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)],
     ("tf32", False): [(128, 256, 32, 8, 3), (128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 4, 4),
                       (128, 64, 64, 4, 3), (64, 128, 64, 4, 3), (64, 64, 64, 4, 4)],
     ("tf32", True): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 3), (128, 128, 32, 8, 4), (128, 64, 64, 4, 3),
@@ -71,6 +96,99 @@ _TILES["ieee", True] = _TILES["ieee", False]  # the FMA path's tiles are clean w
 # CPU tests fast (fewer programs, fewer K steps) and still leaves tails in every dimension of the odd test shapes
 # (e.g. K = 33, 96, 160 and N = 129 in the linear+GELU tests).
 _INTERPRETER_TILE = (64, 64, 64, 4, 3)
+
+
+# ------------------------------------------------------------------------------------- GEMM path switch
+GEMM_KINDS = ("qkv", "bias_gelu")  # the QKV projection (3-way split) and linear + bias + GELU (FFN up, MLM transform)
+GEMM_BACKENDS = ("cublas", "triton")
+# Default per kind: cuBLAS until a GPU measurement in benchmarks/results/ shows this kernel faster (module docstring).
+_DEFAULT_BACKEND = {"qkv": "cublas", "bias_gelu": "cublas"}
+_WHY_DEFAULT = "default: no GPU timing yet shows the Triton GEMM faster than cuBLAS"
+
+
+def _parse_backend_env(value: str) -> dict[str, str]:
+    """``FASTBERT_GEMM``: ``""`` (defaults), one backend for every kind, or ``kind=backend`` pairs."""
+    value = value.strip()
+    if not value:
+        return {}
+    if "=" not in value:
+        pairs = [(kind, value) for kind in GEMM_KINDS]
+    else:
+        pairs = [tuple(x.strip() for x in item.split("=", 1)) for item in value.split(",") if item.strip()]
+    out = {}
+    for kind, backend in pairs:
+        if kind not in GEMM_KINDS or backend not in GEMM_BACKENDS:
+            raise ValueError(
+                f"FASTBERT_GEMM={value!r}: expected one of {GEMM_BACKENDS} or kind=backend pairs with kind in "
+                f"{GEMM_KINDS}"
+            )
+        out[kind] = backend
+    return out
+
+
+_BACKEND = {**_DEFAULT_BACKEND, **_parse_backend_env(os.environ.get("FASTBERT_GEMM", ""))}
+_BACKEND_SOURCE = {k: "FASTBERT_GEMM" if _BACKEND[k] != _DEFAULT_BACKEND[k] else _WHY_DEFAULT for k in GEMM_KINDS}
+
+
+def gemm_backend(kind: str) -> str:
+    """The GEMM implementation launches of `kind` (``"qkv"`` / ``"bias_gelu"``) take: ``"cublas"`` or ``"triton"``."""
+    if kind not in GEMM_KINDS:
+        raise ValueError(f"kind must be one of {GEMM_KINDS}, got {kind!r}")
+    return _BACKEND[kind]
+
+
+def gemm_backend_reason(kind: str) -> str:
+    """Why `gemm_backend(kind)` is what it is (for `fusion_report`)."""
+    gemm_backend(kind)
+    return _BACKEND_SOURCE[kind]
+
+
+def set_gemm_backend(kind: str, backend: str) -> str:
+    """Choose the GEMM implementation of `kind` for this process; returns the previous choice."""
+    previous = gemm_backend(kind)
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"backend must be one of {GEMM_BACKENDS}, got {backend!r}")
+    _BACKEND[kind] = backend
+    _BACKEND_SOURCE[kind] = "set_gemm_backend" if backend != _DEFAULT_BACKEND[kind] else _WHY_DEFAULT
+    return previous
+
+
+def check_backend(backend: str | None, kind: str) -> str:
+    """`backend` validated, or the process-wide choice for `kind` when None."""
+    if backend is None:
+        return gemm_backend(kind)
+    if backend not in GEMM_BACKENDS:
+        raise ValueError(f"backend must be one of {GEMM_BACKENDS} or None, got {backend!r}")
+    return backend
+
+
+# ------------------------------------------------------------------------------------- autotune buckets
+M_BUCKET_MIN, M_BUCKET_MAX = 64, 8192
+
+
+def m_bucket(M: int) -> int:
+    """The autotune key's stand-in for the row count: the next power of two, clamped to [64, 8192] (every
+    M above 4096 shares the 8192 bucket, where the big tiles fill the GPU anyway): 8 buckets in all."""
+    return min(max(triton.next_power_of_2(max(int(M), 1)), M_BUCKET_MIN), M_BUCKET_MAX)
+
+
+def _fixed_autotune() -> bool:
+    """True when the autotuner must be bypassed for the fixed per-bucket table: several torch.distributed ranks
+    (they must agree), or FASTBERT_GEMM_AUTOTUNE=0."""
+    if os.environ.get("FASTBERT_GEMM_AUTOTUNE", "1") == "0":
+        return True
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def fixed_tile(dtype: torch.dtype, dot_precision: str, activation: int, M: int) -> tuple[int, int, int, int, int]:
+    """The committed config for a launch without autotuning: the first (largest) tile of the launch's list from
+    the 1024-row bucket up, the first 64-row tile below (fewer idle rows on small batches). Chosen from the
+    compile-time data above, not timed; the same on every rank."""
+    tiles = gemm_tiles(dtype, dot_precision, activation)
+    if m_bucket(M) >= 1024:
+        return tiles[0]
+    return next((t for t in tiles if t[0] == 64), tiles[-1])
 
 
 def _config(tile: tuple[int, int, int, int, int], group_m: int = 8) -> triton.Config:
@@ -131,17 +249,17 @@ def _mma_step(acc, x_ptrs, w_ptrs, offs_k, k_left, mask_m, mask_n, DOT_PRECISION
     return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
 
 
-# Key: the shape, and the launch switches the config lists depend on; Triton appends every tensor argument's
-# dtype to the key itself.
+# Key: the bucketed row count (`m_bucket`, never M itself), N and K, and the launch switches the config lists
+# depend on; Triton appends every tensor argument's dtype to the key itself. M_BUCKET is not read by the kernel.
 @triton.autotune(
     configs=_autotune_configs(),
-    key=["M", "N", "K", "ACTIVATION", "STORE_PRE", "DOT_PRECISION"],
+    key=["M_BUCKET", "N", "K", "ACTIVATION", "STORE_PRE", "DOT_PRECISION"],
     prune_configs_by={"early_config_prune": _prune},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _gemm_bias_act_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, y1_ptr, y2_ptr, pre_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,
     stride_xm, stride_xk,
     stride_wn, stride_wk,
     stride_ym,
@@ -252,19 +370,25 @@ def gemm_bias_act(
             raise ValueError("pre must have the same strides as out")
     if M == 0 or N == 0:
         return
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    _gemm_bias_act_kernel[grid](
+    precision = _dot_precision(x.dtype)
+    args = (
         x, weight, bias, y0, y1, y2, y0 if pre is None else pre,
-        M, N, K,
+        M, N, K, m_bucket(M),
         x.stride(0), x.stride(1),
         weight.stride(0), weight.stride(1),
         y0.stride(0),
         split_n,
-        ACTIVATION=activation,
-        STORE_PRE=pre is not None,
-        SPLIT=split,
-        DOT_PRECISION=_dot_precision(x.dtype),
-    )
+    )  # fmt: skip
+    switches = dict(ACTIVATION=activation, STORE_PRE=pre is not None, SPLIT=split, DOT_PRECISION=precision)
+    if _fixed_autotune():
+        bm, bn, bk, warps, stages = fixed_tile(x.dtype, precision, activation, M)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_bias_act_kernel.fn[grid](
+            *args, **switches, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages
+        )
+        return
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    _gemm_bias_act_kernel[grid](*args, **switches)
 
 
 # GELU backward: dz = dy · gelu'(z), elementwise, used by the linear+GELU backward before its cuBLAS GEMMs.

@@ -7,6 +7,11 @@ for 2-D x), the layout the fused attention reads, so there is no split, transpos
 after the GEMM. ``W_qkv`` is Hugging Face's query, key and value ``nn.Linear`` weights stacked in that order
 (``torch.cat([Wq, Wk, Wv])``), likewise the bias.
 
+Two GEMM paths (`kernels.matmul`'s switch): ``backend="triton"`` is the above; ``backend="cublas"`` (the default)
+runs ``torch.addmm`` (cuBLASLt adds the bias in its epilogue, so a Triton epilogue would save nothing) into one
+``[M, 3H]`` buffer and returns q, k, v as views of it: ``[B, T, h, d]`` with row stride ``3H`` (not
+contiguous; the fused attention reads any token/head strides with a unit last stride).
+
 Backward concatenates ``dq, dk, dv`` into ``dY [M, 3H]`` (one copy) and uses cuBLAS on it:
 ``dx = dY · W_qkv``, ``dW_qkv = dYᵀ · x``, ``db_qkv = Σ_rows dY``: the same GEMMs, accumulation and rounding
 as ``nn.Linear``'s backward.
@@ -16,8 +21,8 @@ size); ``6·M·H²`` FLOPs. Unfused, HF's three Linears read x three times and t
 ``view(B, T, h, d).transpose(1, 2)`` leads to a copy of each output before attention.
 
 Dtypes: fp32, fp16, bf16 (all inputs one dtype); fp32 accumulation; outputs in the input dtype.
-Caution: bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16 ``tl.dot``, so
-bf16 CPU tensors take the ``*_ref`` path, with a warning); the outputs are ``[B, T, h, d]``, not
+Caution: on the Triton path bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16
+``tl.dot``, so bf16 CPU tensors take the ``*_ref`` path, with a warning); the outputs are ``[B, T, h, d]``, not
 ``[B, h, T, d]`` (``.transpose(1, 2)`` is a free view where that is wanted); no autocast handling; no fused
 backward (concatenating dq, dk, dv is a real copy).
 """
@@ -27,8 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor
-from kernels.matmul import gemm_bias_act, gemm_dispatch
+from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor, use_triton
+from kernels.matmul import check_backend, gemm_bias_act, gemm_dispatch
 
 # ----------------------------------------------------------------------------------------------- ops
 # torch.library custom op: opaque to torch.compile (no graph break), with a fake implementation for tracing.
@@ -54,10 +59,19 @@ def _(x, w_qkv, b_qkv, num_heads):
 # ------------------------------------------------------------------------------------------ autograd
 
 
+def _cublas_qkv(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int):
+    """q, k, v as [M, h, d] views (row stride 3H) of one addmm output, bias fused by cuBLASLt."""
+    M, H = x.shape
+    y = torch.addmm(b_qkv, x, w_qkv.t())  # (M, 3H)
+    return y.view(M, 3, num_heads, H // num_heads).unbind(1)  # 3 × (M, h, d)
+
+
 class _QKVProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int):
+    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str):
         ctx.save_for_backward(x, w_qkv)
+        if backend == "cublas":
+            return _cublas_qkv(x, w_qkv, b_qkv, num_heads)
         return torch.ops.kernels.qkv_projection_fwd(x, w_qkv, b_qkv, num_heads)
 
     @staticmethod
@@ -68,7 +82,7 @@ class _QKVProjection(torch.autograd.Function):
         dx = dy @ w_qkv if ctx.needs_input_grad[0] else None  # (M, H)
         dw = dy.t() @ x if ctx.needs_input_grad[1] else None  # (3H, H)
         db = dy.sum(0) if ctx.needs_input_grad[2] else None  # (3H,)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -94,25 +108,28 @@ def _check_args(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_h
 
 
 def qkv_projection(
-    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` of BERT self-attention from one fused GEMM, each contiguous ``[B, T, h, d]``.
+    """``q, k, v`` of BERT self-attention from one GEMM, each ``[B, T, h, d]`` with a unit last stride.
 
     x ``[B, T, H]`` (or ``[N, H]``, giving ``[N, h, d]``), w_qkv ``[3H, H]`` (query, key, value weights
     stacked), b_qkv ``[3H]``, all one dtype (fp32/fp16/bf16) and one device; ``d = H // num_heads``.
-    Differentiable in x, w_qkv and b_qkv.
+    ``backend``: ``"triton"`` (three contiguous outputs), ``"cublas"`` (views of one ``[..., 3H]`` buffer) or
+    None (`kernels.matmul.gemm_backend("qkv")`). Differentiable in x, w_qkv and b_qkv.
     """
     _check_args(x, w_qkv, b_qkv, num_heads)
-    if not gemm_dispatch(x, w_qkv, b_qkv):
+    backend = check_backend(backend, "qkv")
+    if not (use_triton(x, w_qkv, b_qkv) if backend == "cublas" else gemm_dispatch(x, w_qkv, b_qkv)):
         return qkv_projection_ref(x, w_qkv, b_qkv, num_heads)
     lead, H = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(lead.numel(), H)  # (M, H)
     if torch.is_grad_enabled() and (x.requires_grad or w_qkv.requires_grad or b_qkv.requires_grad):
-        q, k, v = _QKVProjection.apply(x2d, w_qkv, b_qkv, num_heads)
+        q, k, v = _QKVProjection.apply(x2d, w_qkv, b_qkv, num_heads, backend)
+    elif backend == "cublas":
+        q, k, v = _cublas_qkv(x2d, w_qkv, b_qkv, num_heads)
     else:
         q, k, v = torch.ops.kernels.qkv_projection_fwd(x2d, w_qkv, b_qkv, num_heads)
-    d = H // num_heads
-    return q.view(*lead, num_heads, d), k.view(*lead, num_heads, d), v.view(*lead, num_heads, d)  # (B, T, h, d)
+    return tuple(t.unflatten(0, lead) for t in (q, k, v))  # 3 × (B, T, h, d)
 
 
 def qkv_projection_ref(

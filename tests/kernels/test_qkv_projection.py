@@ -1,4 +1,5 @@
-"""qkv_projection: q, k, v and every gradient against float64, within 2× PyTorch's same-dtype error."""
+"""qkv_projection: q, k, v and every gradient against float64, within 2× PyTorch's same-dtype error, on both
+GEMM paths (Triton GEMM with the 3-way split epilogue; cuBLAS into one buffer with q/k/v views)."""
 
 from __future__ import annotations
 
@@ -23,18 +24,21 @@ def _inputs(x_shape, dtype, device, seed=0):
     return [cast(t) for t in (x, w, b)], [cast(t) for t in dys]
 
 
-def _run(fn, inputs, dys, num_heads, use=(0, 1, 2)):
+BACKENDS = ["triton", "cublas"]
+
+
+def _run(fn, inputs, dys, num_heads, use=(0, 1, 2), **kw):
     """Outputs and (dx, dW, db) with upstream grads dys[i] on the outputs listed in `use`."""
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    outs = fn(*leaves, num_heads)
+    outs = fn(*leaves, num_heads, **kw)
     loss = sum((outs[i] * dys[i].unflatten(-1, outs[i].shape[-2:])).sum() for i in use)
     loss.backward()
     return [o.detach() for o in outs], [t.grad for t in leaves]
 
 
-def _check(x_shape, num_heads, dtype, device, use=(0, 1, 2)):
+def _check(x_shape, num_heads, dtype, device, use=(0, 1, 2), backend="triton"):
     inputs, dys = _inputs(x_shape, dtype, device)
-    outs, grads = _run(qkv_projection, inputs, dys, num_heads, use)
+    outs, grads = _run(qkv_projection, inputs, dys, num_heads, use, backend=backend)
     outs_t, grads_t = _run(qkv_projection_ref, inputs, dys, num_heads, use)  # PyTorch in the same dtype
     inputs64 = [t.double() for t in inputs]
     outs64, grads64 = _run(qkv_projection_ref, inputs64, [t.double() for t in dys], num_heads, use)
@@ -42,7 +46,10 @@ def _check(x_shape, num_heads, dtype, device, use=(0, 1, 2)):
     atol = ATOL[dtype]
     for name, o, o64, ot in zip("qkv", outs, outs64, outs_t, strict=True):
         assert o.shape == (*x_shape[:-1], num_heads, d) and o.dtype == dtype
-        assert o.is_contiguous(), f"{name} must be contiguous"
+        if backend == "triton":
+            assert o.is_contiguous(), f"{name} must be contiguous"
+        else:  # views of one [..., 3H] buffer: row stride 3H
+            assert o.stride()[-3:] == (3 * H, d, 1), f"{name} strides {o.stride()}"
         assert_within_torch_error(o, o64, ot, atol=atol, name=name)
     for name, g, g64, gt in zip(("dx", "dW", "db"), grads, grads64, grads_t, strict=True):
         assert g.dtype == dtype
@@ -54,37 +61,42 @@ def _check(x_shape, num_heads, dtype, device, use=(0, 1, 2)):
 SHAPES = [((2, 37, 96), 3), ((37, 160), 5), ((1, 7, 45), 5)]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("x_shape,num_heads", SHAPES)
-def test_forward_backward(x_shape, num_heads, dtype, device):
-    _check(x_shape, num_heads, dtype, device)
+def test_forward_backward(x_shape, num_heads, dtype, backend, device):
+    _check(x_shape, num_heads, dtype, device, backend=backend)
 
 
-def test_unused_outputs_get_zero_grads(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unused_outputs_get_zero_grads(backend, device):
     """Only k feeds the loss: dq and dv are zero, so dW's q and v rows and db's q and v parts are zero."""
-    _check((3, 5, 40), 4, torch.float32, device, use=(1,))
+    _check((3, 5, 40), 4, torch.float32, device, use=(1,), backend=backend)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("x_shape,num_heads", SHAPES + [((8, 128, 768), 12), ((3, 77, 1024), 16)])
-def test_forward_backward_gpu(x_shape, num_heads, dtype):
-    _check(x_shape, num_heads, dtype, "cuda")
+def test_forward_backward_gpu(x_shape, num_heads, dtype, backend):
+    _check(x_shape, num_heads, dtype, "cuda", backend=backend)
 
 
-def test_no_grad_and_strided_input(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_strided_input(backend, device):
     (x, w, b), _ = _inputs((37, 48), torch.float32, device, seed=1)
     x_t = x.t().contiguous().t()  # same values, column-major
     with torch.no_grad():
-        outs = qkv_projection(x_t, w, b, 4)
+        outs = qkv_projection(x_t, w, b, 4, backend=backend)
     refs64 = qkv_projection_ref(x.double(), w.double(), b.double(), 4)
     for o, r64, rt in zip(outs, refs64, qkv_projection_ref(x, w, b, 4), strict=True):
         assert_within_torch_error(o, r64, rt, atol=1e-5)
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
     (x, w, b), dys = _inputs((2, 9, 24), torch.float32, device, seed=2)
-    fn = lambda x, w, b, num_heads: qkv_projection(x, w, b, num_heads)
+    fn = lambda x, w, b, num_heads: qkv_projection(x, w, b, num_heads, backend=backend)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     outs_c, grads_c = _run(compiled, [x, w, b], dys, 3)
     outs_e, grads_e = _run(fn, [x, w, b], dys, 3)
@@ -108,6 +120,7 @@ def _bad_args():
         ((x, w, b, 3), "not divisible by num_heads"),
         ((x, w, b, 0), "num_heads must be a positive int"),
         ((x, w, b, 2.0), "num_heads must be a positive int"),
+        ((x, w, b, 2, "cutlass"), "backend must be one of"),
     ]
 
 
@@ -121,6 +134,6 @@ def test_bad_arguments(args, match):
 def test_bf16_cpu_falls_back_to_reference():
     (x, w, b), _ = _inputs((5, 24), torch.bfloat16, "cpu", seed=3)
     with pytest.warns(UserWarning, match="bf16 GEMM under Triton's interpreter"):
-        outs = qkv_projection(x, w, b, 2)
+        outs = qkv_projection(x, w, b, 2, backend="triton")
     for o, r in zip(outs, qkv_projection_ref(x, w, b, 2), strict=True):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
