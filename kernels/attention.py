@@ -670,6 +670,13 @@ def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device
         _checked_cu[cu_seqlens] = key
 
 
+def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Record that `cu_seqlens`' values were validated on the host before it reached the device (packing metadata
+    from a CPU data loader), so `fused_attention_varlen` skips its device-to-host copy of them for this version."""
+    if not cu_seqlens.is_inference() and not torch.compiler.is_compiling():
+        _checked_cu[cu_seqlens] = (cu_seqlens._version, total, max_seqlen)
+
+
 def _run_kernel(q: torch.Tensor, *others: torch.Tensor) -> bool:
     """use_triton, except bf16 on the CPU interpreter, whose bf16 tl.dot is wrong: reference path there."""
     if not use_triton(q, *others):

@@ -8,7 +8,9 @@ Bytes moved: one gather of the real tokens (unpad) and one scatter into a zeroed
 
 Caution: `unpad_input` reads the lengths on the host (one device-to-host copy: `max_seqlen` is a Python
 int and the packed size is data-dependent), so under `torch.compile` it is a graph break; call it outside
-the compiled region. The mask need not be a prefix: real tokens are packed in order, which is equivalent
+the compiled region. `unpad_input_indexed` is the synchronisation-free form for metadata computed beforehand (on the
+CPU, by the data loader: `fastbert.packing.PackedBatch`): a gather by known indices, whose output size is the
+indices' length — a shape, not a value — so it traces under `torch.compile` with dynamic shapes. The mask need not be a prefix: real tokens are packed in order, which is equivalent
 for attention without position biases (dropout positions then count within the packed sequence).
 """
 
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels._common import check_tensor
 
-__all__ = ["pad_input", "unpad_input"]
+__all__ = ["pad_input", "unpad_input", "unpad_input_indexed"]
 
 
 def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -38,6 +40,16 @@ def unpad_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torc
     max_seqlen = int(lengths.max().item()) if B > 0 else 0
     x_packed = x.reshape(B * T, *x.shape[2:]).index_select(0, indices)  # (total, ...)
     return x_packed, indices, cu_seqlens, max_seqlen
+
+
+def unpad_input_indexed(x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The real tokens of x [B, T, ...] at the flattened positions `indices` (int64 [total], as `unpad_input`
+    returns them): x_packed [total, ...]. No host synchronisation; the indices' values are the caller's to check."""
+    check_tensor("x", x)
+    check_tensor("indices", indices, ndim=1, dtypes=(torch.int64,), device=x.device)
+    if x.dim() < 2:
+        raise ValueError(f"x must be [B, T, ...], got {list(x.shape)}")
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]).index_select(0, indices)  # (total, ...)
 
 
 def pad_input(x_packed: torch.Tensor, indices: torch.Tensor, B: int, T: int) -> torch.Tensor:
