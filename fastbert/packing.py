@@ -174,7 +174,9 @@ class PackedBatch:
     # ------------------------------------------------------------------ checking against a batch
     @property
     def batch_size(self) -> int:
-        return len(self.lengths)
+        # From a tensor shape, not len(lengths): under torch.compile a shape is a dynamic size, a tuple's length
+        # a constant that would pin the batch size (one graph per batch size).
+        return self.cu_seqlens.shape[0] - 1
 
     @property
     def num_tokens(self) -> int:
@@ -206,7 +208,7 @@ class PackedBatch:
         if tuple(labels.shape) != (self.batch_size, self.seq_len):
             raise ValueError(f"labels has shape {tuple(labels.shape)}, the packed metadata [{self.batch_size}, "
                              f"{self.seq_len}]")
-        if self.label_range is not None:
+        if self.label_range is not None and not torch.compiler.is_compiling():  # per-batch values: no guards on them
             lo, hi = self.label_range
             if lo < 0 or hi >= vocab_size:
                 raise ValueError(f"labels must lie in [0, vocab_size={vocab_size}) or be -100, got [{lo}, {hi}]")

@@ -673,7 +673,7 @@ def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device
 def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
     """Record that `cu_seqlens`' values were validated on the host before it reached the device (packing metadata
     from a CPU data loader), so `fused_attention_varlen` skips its device-to-host copy of them for this version."""
-    if not cu_seqlens.is_inference() and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and not cu_seqlens.is_inference():
         _checked_cu[cu_seqlens] = (cu_seqlens._version, total, max_seqlen)
 
 

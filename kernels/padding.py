@@ -10,8 +10,10 @@ Caution: `unpad_input` reads the lengths on the host (one device-to-host copy: `
 int and the packed size is data-dependent), so under `torch.compile` it is a graph break; call it outside
 the compiled region. `unpad_input_indexed` is the synchronisation-free form for metadata computed beforehand (on the
 CPU, by the data loader: `fastbert.packing.PackedBatch`): a gather by known indices, whose output size is the
-indices' length — a shape, not a value — so it traces under `torch.compile` with dynamic shapes. The mask need not be a prefix: real tokens are packed in order, which is equivalent
-for attention without position biases (dropout positions then count within the packed sequence).
+indices' length — a shape, not a value — so it traces under `torch.compile` with dynamic shapes.
+
+The mask need not be a prefix: real tokens are packed in order, which is equivalent for attention without
+position biases (dropout positions then count within the packed sequence).
 """
 
 from __future__ import annotations

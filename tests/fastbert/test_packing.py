@@ -29,8 +29,10 @@ from tests.helpers import pad_mask
 _SYNC_METHODS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"}
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim",
              "unique_consecutive", "equal", "is_nonzero"}  # fmt: skip
-_EXEMPT = (("kernels/_common.py", "seed_value"), ("fastbert/packing.py", None), ("fastbert/modeling.py", "check_inputs"),
-           ("triton/", None))  # fmt: skip
+_EXEMPT = (
+    ("kernels/_common.py", "seed_value"), ("fastbert/packing.py", None), ("fastbert/modeling.py", "check_inputs"),
+    ("triton/", None),
+)  # fmt: skip
 
 
 def _exempt() -> bool:
@@ -65,7 +67,8 @@ class NoHostSync:
                 kwargs = kwargs or {}
                 name = func.overloadpacket.__name__
                 bad = name in _SYNC_OPS
-                bad |= name == "repeat_interleave" and kwargs.get("output_size") is None and func._overloadname == "Tensor"
+                unsized = kwargs.get("output_size") is None and func._overloadname == "Tensor"
+                bad |= name == "repeat_interleave" and unsized
                 bad |= name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
                 if bad and not _exempt():
                     sentinel._record(f"aten.{name}")
@@ -74,7 +77,8 @@ class NoHostSync:
         self._modes = (_Functions(), _Dispatch())
 
     def _record(self, what: str) -> None:
-        where = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and "test_packing" not in f.filename]
+        stack = traceback.extract_stack()
+        where = [f for f in stack if "/torch/" not in f.filename and "test_packing" not in f.filename]
         self.syncs.append(f"{what} at {where[-1].filename}:{where[-1].lineno}" if where else what)
 
     def __enter__(self):
