@@ -8,8 +8,8 @@ indexing, ``unique``, ``equal``, ``repeat_interleave`` without ``output_size``. 
 own custom ops (their Python implementations run under the modes). Exempt, by the frame they come from: the
 dropout seed (`kernels._common.seed_value` reads a tensor `draw_seed` creates on the CPU on every device), the
 metadata's CPU-side value checks (`fastbert.packing`, which return before reading any value of a device
-tensor — `test_checks_read_no_device_values`), `fastbert.modeling.check_inputs`' value checks (run on CPU tensors
-only), and Triton's interpreter (it stands in for a GPU launch here).
+tensor — `test_checks_read_no_device_values`), `fastbert.modeling.check_inputs`' value checks and the expanded-mask check of
+`fastbert.optimize.key_padding_from_hf_mask` (with metadata, both run on CPU tensors only), and Triton's interpreter (it stands in for a GPU launch here).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_uniq
              "unique_consecutive", "equal", "is_nonzero"}  # fmt: skip
 _EXEMPT = (
     ("kernels/_common.py", "seed_value"), ("fastbert/packing.py", None), ("fastbert/modeling.py", "check_inputs"),
-    ("triton/", None),
+    ("fastbert/optimize.py", "key_padding_from_hf_mask"), ("triton/", None),
 )  # fmt: skip
 
 
@@ -283,3 +283,69 @@ def test_collate_returns_the_metadata():
     assert p.labelled_positions.tolist() == [1, 9]
     p.check(b["input_ids"], b["attention_mask"])
     p.check_labels(b["labels"], 30)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_of_a_packed_step():
+    """Whole-step CUDA-graph capture (forward + backward) with fixed shapes and the sync-free packed path; replays
+    match eager. Written without a GPU and not yet run on one. Dropout is off: the kernels draw their dropout seed
+    on the host per launch (`kernels._common.draw_seed`), so a captured graph would replay one mask forever —
+    training with dropout under CUDA graphs needs a device-side seed first."""
+    torch.manual_seed(0)
+    config = _config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = optimize(BertForPreTraining(config.with_fusions(False))).cuda().train()
+    batch, packed = _batch([11, 4, 9, 0], 11, device="cuda")
+    model.zero_grad(set_to_none=True)
+    eager = _step(model, batch, packed).loss.detach().clone()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream: autotuning, allocator, lazy init
+        for _ in range(2):
+            model.zero_grad(set_to_none=True)
+            _step(model, batch, packed)
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _step(model, batch, packed).loss
+    for _ in range(2):
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, eager, rtol=1e-5, atol=1e-6)
+        for n, g in eager_grads.items():
+            torch.testing.assert_close(dict(model.named_parameters())[n].grad, g, rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_optimized_transformers_model_takes_the_metadata(attn, device):
+    """transformers passes `packed=` down to the swapped encoder: same outputs, no sync inside the encoder, and
+    metadata that disagrees with the mask is refused."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32)  # fmt: skip
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    model = optimize(transformers.BertModel(cfg)).to(device).eval()
+    (ids, mask, labels, _), packed = _batch([11, 4, 9, 0], 11, seed=3, device=device)
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask).last_hidden_state
+        encoder_syncs = NoHostSync()
+        original = model.encoder.forward
+
+        def watched(*args, **kwargs):
+            with encoder_syncs:
+                return original(*args, **kwargs)
+
+        model.encoder.forward = watched
+        fast = model(ids, attention_mask=mask, packed=packed).last_hidden_state
+        model.encoder.forward = original
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
+    assert encoder_syncs.syncs == []
+    wrong = PackedBatch.from_batch(pad_mask([11, 5, 9, 0], 11).long()).to(device)
+    with pytest.raises(ValueError, match="disagree with attention_mask"):
+        model(ids, attention_mask=mask, packed=wrong)
