@@ -4,10 +4,12 @@ Each fused module subclasses its reference module, so it has the same constructo
 the same `state_dict` keys (Hugging Face's names): a checkpoint moves between the two, and to and from
 `transformers`, unchanged. Which kernel each one uses:
 
-    FusedSelfAttention        Q, K, V from one GEMM (`qkv_projection`) written in attention layout, then
-                              flash-style attention with key padding and dropout (`fused_attention`, or
-                              `fused_attention_varlen` on unpadded tokens); for a head size that kernel does
-                              not take (outside 16..128): materialised scores + `scaled_masked_softmax_dropout`
+    FusedSelfAttention        Q, K, V from one GEMM (`qkv_projection_packed`) into one [.., 3, h, d] buffer, then
+                              flash-style attention with key padding and dropout (`fused_attention_qkvpacked`,
+                              or `fused_attention_varlen_qkvpacked` on unpadded tokens), whose backward writes
+                              dq, dk, dv into one buffer the GEMM's backward reads directly; for a head size
+                              that kernel does not take (outside 16..128): materialised scores +
+                              `scaled_masked_softmax_dropout`
     FusedSelfOutput/Output    dense without bias (cuBLAS), then bias + dropout + residual + LayerNorm in one pass
     FusedIntermediate         dense + bias + GELU in one GEMM (`linear_bias_gelu`)
     FusedEncoder              unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
@@ -95,7 +97,9 @@ from kernels.attention import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
     fused_attention,
+    fused_attention_qkvpacked,
     fused_attention_varlen,
+    fused_attention_varlen_qkvpacked,
     mark_cu_seqlens_checked,
 )
 from kernels.bias_dropout_add_layernorm import bias_dropout_add_layernorm
@@ -103,7 +107,7 @@ from kernels.linear_bias_gelu import linear_bias_gelu
 from kernels.matmul import gemm_backend, gemm_backend_reason
 from kernels.mlm_cross_entropy import mlm_cross_entropy, mlm_cross_entropy_gathered
 from kernels.padding import pad_input, unpad_input, unpad_input_indexed
-from kernels.qkv_projection import qkv_projection
+from kernels.qkv_projection import qkv_projection, qkv_projection_packed
 from kernels.softmax_dropout import scaled_masked_softmax_dropout
 
 from . import modeling
@@ -239,6 +243,13 @@ class FusedSelfAttention(BertSelfAttention):
         shape = (*x.shape[:-1], self.num_heads, self.head_dim)
         return self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)  # (..., h, d)
 
+    def _qkv_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv (..., 3, h, d) from the one fused GEMM, in the compute dtype, for the packed attention entry points
+        (their backward hands the GEMM one dqkv buffer: no concatenation of dq, dk, dv)."""
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
+        return qkv_projection_packed(*_to_compute_dtype(x, w, b), self.num_heads)
+
     def _reference_core(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -257,6 +268,13 @@ class FusedSelfAttention(BertSelfAttention):
         if packed is None and not (triton_ok and (self.config.fused_qkv or self.config.fused_attention)):
             return super().forward(x, key_mask)
         p = _dropout_p(self, self.dropout)
+        if self.config.fused_qkv and self.config.fused_attention and self.can_unpad(x):
+            qkv = self._qkv_packed(x)  # (B, T, 3, h, d) or (N, 3, h, d)
+            if packed is not None:
+                ctx = fused_attention_varlen_qkvpacked(qkv, packed.cu_seqlens, packed.max_seqlen, p)  # (N, h, d)
+                return ctx.reshape(x.shape)  # (N, H)
+            pad = key_mask[:, 0, 0, :] if key_mask is not None else None  # (B, T) True = real token
+            return fused_attention_qkvpacked(qkv, key_padding_mask=pad, dropout_p=p).reshape(x.shape)  # (B, T, H)
         q, k, v = self._qkv(x)  # (B, T, h, d) or (N, h, d)
         if packed is not None:
             ctx = fused_attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen, p, None, None)  # (N, h, d)

@@ -8,8 +8,9 @@ indexing, ``unique``, ``equal``, ``repeat_interleave`` without ``output_size``. 
 own custom ops (their Python implementations run under the modes). Exempt, by the frame they come from: the
 dropout seed (`kernels._common.seed_value` reads a tensor `draw_seed` creates on the CPU on every device), the
 metadata's CPU-side value checks (`fastbert.packing`, which return before reading any value of a device
-tensor — `test_checks_read_no_device_values`), `fastbert.modeling.check_inputs`' value checks and the expanded-mask check of
-`fastbert.optimize.key_padding_from_hf_mask` (with metadata, both run on CPU tensors only), and Triton's interpreter (it stands in for a GPU launch here).
+tensor — `test_checks_read_no_device_values`), `fastbert.modeling.check_inputs`' value checks and the
+expanded-mask check of `fastbert.optimize.key_padding_from_hf_mask` (with metadata, both run on CPU tensors
+only), and Triton's interpreter (it stands in for a GPU launch here).
 """
 
 from __future__ import annotations

@@ -137,3 +137,86 @@ def test_bf16_cpu_falls_back_to_reference():
         outs = qkv_projection(x, w, b, 2, backend="triton")
     for o, r in zip(outs, qkv_projection_ref(x, w, b, 2), strict=True):
         torch.testing.assert_close(o, r, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ packed qkv + packed attention
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_forward_backward(backend, dtype, device):
+    """qkv_projection_packed: one [..., 3, h, d] output and its gradients against float64."""
+    from kernels.qkv_projection import qkv_projection_packed, qkv_projection_packed_ref
+
+    inputs, dys = _inputs((2, 37, 96), dtype, device)
+    dy = torch.stack(dys, -2).unflatten(-1, (3, 32))  # (B, T, 3, h, d)
+
+    def run(fn, ins, g, **kw):
+        leaves = [t.detach().clone().requires_grad_() for t in ins]
+        out = fn(*leaves, 3, **kw)
+        out.backward(g)
+        return out.detach(), [t.grad for t in leaves]
+
+    out, grads = run(qkv_projection_packed, inputs, dy, backend=backend)
+    out_t, grads_t = run(qkv_projection_packed_ref, inputs, dy)
+    out64, grads64 = run(qkv_projection_packed_ref, [t.double() for t in inputs], dy.double())
+    assert out.shape == (2, 37, 3, 3, 32) and out.is_contiguous()
+    assert_within_torch_error(out, out64, out_t, atol=ATOL[dtype], name="qkv")
+    for name, g, g64, gt in zip(("dx", "dW", "db"), grads, grads64, grads_t, strict=True):
+        assert_within_torch_error(g, g64, gt, atol=ATOL[dtype], name=name)
+
+
+class _CatLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.cats = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in ("cat", "stack"):
+            self.cats.append(sum(t.numel() for t in args[0]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("varlen", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_packed_attention_backward_needs_no_concatenation(backend, varlen, device):
+    """Projection + attention on one packed qkv: the same outputs and gradients as the three-tensor path, and the
+    backward concatenates no activation-sized tensor (dq, dk, dv arrive in one buffer)."""
+    from kernels.attention import (
+        fused_attention,
+        fused_attention_qkvpacked,
+        fused_attention_varlen,
+        fused_attention_varlen_qkvpacked,
+    )
+    from kernels.qkv_projection import qkv_projection_packed
+    from tests.helpers import pad_mask
+
+    B, T, H, heads = 3, 9, 32, 2
+    inputs, _ = _inputs((B, T, H), torch.float32, device, seed=5)
+    mask = pad_mask([9, 4, 0], T, device)
+    cu = torch.tensor([0, 9, 13, 13], dtype=torch.int32, device=device)
+    g = torch.Generator().manual_seed(6)
+    dout = torch.randn(13 if varlen else B * T, heads, H // heads, generator=g).to(device)
+
+    def run(packed_path: bool):
+        x, w, b = (t.detach().clone().requires_grad_() for t in inputs)
+        xs = x.reshape(B * T, H)[mask.reshape(-1)] if varlen else x  # (N, H) or (B, T, H)
+        if packed_path:
+            qkv = qkv_projection_packed(xs, w, b, heads, backend=backend)
+            out = (fused_attention_varlen_qkvpacked(qkv, cu, T, 0.1, seed=3) if varlen
+                   else fused_attention_qkvpacked(qkv, mask, 0.1, seed=3))  # fmt: skip
+        else:
+            q, k, v = qkv_projection(xs, w, b, heads, backend=backend)
+            out = (fused_attention_varlen(q, k, v, cu, T, 0.1, seed=3) if varlen
+                   else fused_attention(q, k, v, mask, 0.1, seed=3))  # fmt: skip
+        log = _CatLog()
+        with log:
+            out.backward(dout.reshape(out.shape))
+        return out.detach(), [t.grad for t in (x, w, b)], log.cats
+
+    out_a, grads_a, cats_a = run(False)
+    out_b, grads_b, cats_b = run(True)
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    for ga, gb in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(gb, ga, rtol=1e-5, atol=1e-6)
+    n_tokens = 13 if varlen else B * T
+    assert any(c >= 3 * n_tokens * H for c in cats_a)  # the three-tensor path concatenates dq, dk, dv
+    assert not any(c >= n_tokens * H for c in cats_b), cats_b
