@@ -158,9 +158,9 @@ def _compiling() -> bool:
 
 _GEMM_PATHS = {
     ("qkv", "cublas"): "cuBLAS addmm (bias fused by cuBLASLt) into one [N, 3H] buffer",
-    ("qkv", "triton"): "Triton GEMM writing q, k, v",
+    ("qkv", "triton"): "Triton GEMM into one [N, 3H] buffer (TMA + persistent on sm_90)",
     ("bias_gelu", "cublas"): "cuBLAS addmm + Triton GELU epilogue",
-    ("bias_gelu", "triton"): "Triton GEMM with bias+GELU epilogue",
+    ("bias_gelu", "triton"): "Triton GEMM with bias+GELU epilogue (TMA + persistent on sm_90)",
 }
 
 

@@ -144,3 +144,28 @@ def test_backend_switch(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         mm.set_gemm_backend("qkv", "cutlass")
     assert triton.next_power_of_2(mm.M_BUCKET_MAX) == mm.M_BUCKET_MAX
+
+
+def test_tma_kernel_tunes_per_bucket(monkeypatch):
+    """The TMA + persistent kernel's key buckets M the same way: ≤ 8 tunings over all the row counts."""
+    kernel = mm._gemm_tma_persistent_kernel
+    tiles = [(32, 32, 32, 4, 3), (64, 32, 32, 4, 3)]
+    benches = collections.Counter()
+
+    def bench(*args, config, **meta):
+        benches[str(args[0].base.dtype)] += 1
+        return [float(config.kwargs["BLOCK_M"])] * 3
+
+    recorder = _Recorder()
+    monkeypatch.setattr(mm, "tma_tiles", lambda dtype, precision, activation: tiles)
+    monkeypatch.setattr(kernel, "configs", [mm._tma_config(t) for t in tiles])
+    monkeypatch.setattr(kernel, "cache", {})
+    monkeypatch.setattr(kernel, "_bench", bench)
+    monkeypatch.setattr(kernel, "fn", recorder)
+    monkeypatch.delenv("FASTBERT_GEMM_AUTOTUNE", raising=False)
+    w, b = torch.randn(24, 16), torch.randn(24)
+    for M in ROW_COUNTS:
+        x = torch.randn(M, 16)
+        mm.gemm_bias_act(x, w, b, torch.empty(M, 24), activation=mm.ACT_GELU_ERF, pre=torch.empty(M, 24), tma=True)
+    assert len(recorder.launches) == len(ROW_COUNTS)
+    assert benches["torch.float32"] // len(tiles) <= 8
