@@ -350,3 +350,20 @@ def test_optimized_transformers_model_takes_the_metadata(attn, device):
     wrong = PackedBatch.from_batch(pad_mask([11, 5, 9, 0], 11).long()).to(device)
     with pytest.raises(ValueError, match="disagree with attention_mask"):
         model(ids, attention_mask=mask, packed=wrong)
+
+
+def test_fusion_report_names_the_gemm_path(monkeypatch):
+    """fusion_report says which GEMM implementation each layer's QKV / FFN-up / MLM-transform GEMM takes, and why."""
+    import kernels.matmul as mm
+    from fastbert.fused import fusion_report
+
+    model = optimize(BertForPreTraining(_config().with_fusions(False)))
+    report = fusion_report(model)
+    layer, head = report["bert.encoder.layer.0"], report["cls.predictions"]
+    assert "qkv: one GEMM, cuBLAS addmm" in layer and "no GPU timing" in layer
+    assert "bias+GELU: fused, cuBLAS addmm + Triton GELU epilogue" in layer
+    assert "transform bias+GELU: fused, cuBLAS addmm + Triton GELU epilogue" in head
+    monkeypatch.setitem(mm._BACKEND, "bias_gelu", "triton")
+    monkeypatch.setitem(mm._BACKEND_SOURCE, "bias_gelu", "FASTBERT_GEMM")
+    layer = fusion_report(model)["bert.encoder.layer.0"]
+    assert "Triton GEMM with bias+GELU epilogue (TMA + persistent on sm_90) (FASTBERT_GEMM)" in layer
