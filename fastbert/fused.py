@@ -4,10 +4,12 @@ Each fused module subclasses its reference module, so it has the same constructo
 the same `state_dict` keys (Hugging Face's names): a checkpoint moves between the two, and to and from
 `transformers`, unchanged. Which kernel each one uses:
 
-    FusedSelfAttention        Q, K, V from one GEMM (`qkv_projection`) written in attention layout, then
-                              flash-style attention with key padding and dropout (`fused_attention`, or
-                              `fused_attention_varlen` on unpadded tokens); for a head size that kernel does
-                              not take (outside 16..128): materialised scores + `scaled_masked_softmax_dropout`
+    FusedSelfAttention        Q, K, V from one GEMM (`qkv_projection_packed`) into one [.., 3, h, d] buffer, then
+                              flash-style attention with key padding and dropout (`fused_attention_qkvpacked`,
+                              or `fused_attention_varlen_qkvpacked` on unpadded tokens), whose backward writes
+                              dq, dk, dv into one buffer the GEMM's backward reads directly; for a head size
+                              that kernel does not take (outside 16..128): materialised scores +
+                              `scaled_masked_softmax_dropout`
     FusedSelfOutput/Output    dense without bias (cuBLAS), then bias + dropout + residual + LayerNorm in one pass
     FusedIntermediate         dense + bias + GELU in one GEMM (`linear_bias_gelu`)
     FusedEncoder              unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
@@ -52,11 +54,23 @@ Unpadding. With `config.unpad`, a padded batch is packed once at the encoder's e
 layer then runs on the real tokens only, attention through the variable-length kernel. The output is re-padded
 with zeros at padded positions (the reference leaves arbitrary finite values there; compare real positions).
 
+GEMM paths. The QKV projection, the FFN up-projection and the MLM transform each run one of two GEMM
+implementations (`kernels.matmul`'s switch: cuBLAS + Triton epilogue by default, the Triton GEMM with the fused
+epilogue on request); `fusion_report` names the path each layer takes and why.
+
+Packing metadata (`fastbert.packing.PackedBatch`, ``packed=`` on the models). Given the metadata the CPU data
+loader computed, the encoder unpads by gathering the known token indices and the MLM head gathers the known
+labelled rows: no ``nonzero``, no ``.item()``, no data-dependent shape, so the fused forward and backward make
+no device→host synchronisation (the varlen attention's own check of cu_seqlens is skipped for metadata validated
+on the CPU) — the condition for CUDA graphs. Without it, everything below is unchanged.
+
 torch.compile. The kernels are `torch.library` custom ops with fake implementations, so
-`torch.compile(model, fullgraph=True)` traces them without graph breaks. Unpadding and the gather of labelled
-positions have data-dependent shapes, so under compilation (`torch.compiler.is_compiling()`) the encoder stays
-on the padded fused path (key padding mask inside the attention kernel) and the MLM loss runs over every
-position with ignore_index (same loss, more rows).
+`torch.compile(model, fullgraph=True)` traces them without graph breaks. With ``packed=`` the compiled model runs
+the unpadded varlen path and the masked-only MLM loss (the sizes are the metadata tensors' shapes: dynamic
+shapes, not one graph per length). Without it, unpadding and the gather of labelled positions have data-dependent
+shapes, so under compilation (`torch.compiler.is_compiling()`) the encoder stays on the padded fused path (key
+padding mask inside the attention kernel) and the MLM loss runs over every position with ignore_index (same
+loss, more rows, and the B·T × V logits).
 
 Caution:
 - A fully padded sequence gives zeros from the fused attention (the reference attends uniformly over its
@@ -79,12 +93,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels._common import FLOAT_DTYPES, use_triton
-from kernels.attention import MAX_HEAD_DIM, MIN_HEAD_DIM, fused_attention, fused_attention_varlen
+from kernels.attention import (
+    MAX_HEAD_DIM,
+    MIN_HEAD_DIM,
+    fused_attention,
+    fused_attention_qkvpacked,
+    fused_attention_varlen,
+    fused_attention_varlen_qkvpacked,
+    mark_cu_seqlens_checked,
+)
 from kernels.bias_dropout_add_layernorm import bias_dropout_add_layernorm
 from kernels.linear_bias_gelu import linear_bias_gelu
-from kernels.mlm_cross_entropy import mlm_cross_entropy
-from kernels.padding import pad_input, unpad_input
-from kernels.qkv_projection import qkv_projection
+from kernels.matmul import gemm_backend, gemm_backend_reason
+from kernels.mlm_cross_entropy import mlm_cross_entropy, mlm_cross_entropy_gathered
+from kernels.padding import pad_input, unpad_input, unpad_input_indexed
+from kernels.qkv_projection import qkv_projection, qkv_projection_packed
 from kernels.softmax_dropout import scaled_masked_softmax_dropout
 
 from . import modeling
@@ -102,6 +125,7 @@ from .modeling import (
     BertSelfOutput,
     extended_mask,
 )
+from .packing import PackedBatch
 
 __all__ = [
     "FusedAttention",
@@ -130,6 +154,20 @@ def _warn_once(message: str) -> None:
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+_GEMM_PATHS = {
+    ("qkv", "cublas"): "cuBLAS addmm (bias fused by cuBLASLt) into one [N, 3H] buffer",
+    ("qkv", "triton"): "Triton GEMM into one [N, 3H] buffer (TMA + persistent on sm_90)",
+    ("bias_gelu", "cublas"): "cuBLAS addmm + Triton GELU epilogue",
+    ("bias_gelu", "triton"): "Triton GEMM with bias+GELU epilogue (TMA + persistent on sm_90)",
+}
+
+
+def gemm_path(kind: str) -> str:
+    """Which GEMM implementation `kind` ("qkv" / "bias_gelu") takes and why (kernels.matmul's switch)."""
+    backend = gemm_backend(kind)
+    return f"{_GEMM_PATHS[kind, backend]} ({gemm_backend_reason(kind)})"
 
 
 def attention_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
@@ -205,6 +243,13 @@ class FusedSelfAttention(BertSelfAttention):
         shape = (*x.shape[:-1], self.num_heads, self.head_dim)
         return self.query(x).view(shape), self.key(x).view(shape), self.value(x).view(shape)  # (..., h, d)
 
+    def _qkv_packed(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv (..., 3, h, d) from the one fused GEMM, in the compute dtype, for the packed attention entry points
+        (their backward hands the GEMM one dqkv buffer: no concatenation of dq, dk, dv)."""
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
+        return qkv_projection_packed(*_to_compute_dtype(x, w, b), self.num_heads)
+
     def _reference_core(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
@@ -223,6 +268,13 @@ class FusedSelfAttention(BertSelfAttention):
         if packed is None and not (triton_ok and (self.config.fused_qkv or self.config.fused_attention)):
             return super().forward(x, key_mask)
         p = _dropout_p(self, self.dropout)
+        if self.config.fused_qkv and self.config.fused_attention and self.can_unpad(x):
+            qkv = self._qkv_packed(x)  # (B, T, 3, h, d) or (N, 3, h, d)
+            if packed is not None:
+                ctx = fused_attention_varlen_qkvpacked(qkv, packed.cu_seqlens, packed.max_seqlen, p)  # (N, h, d)
+                return ctx.reshape(x.shape)  # (N, H)
+            pad = key_mask[:, 0, 0, :] if key_mask is not None else None  # (B, T) True = real token
+            return fused_attention_qkvpacked(qkv, key_padding_mask=pad, dropout_p=p).reshape(x.shape)  # (B, T, H)
         q, k, v = self._qkv(x)  # (B, T, h, d) or (N, h, d)
         if packed is not None:
             ctx = fused_attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen, p, None, None)  # (N, h, d)
@@ -243,7 +295,7 @@ class FusedSelfAttention(BertSelfAttention):
     def fusion_path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         if not _triton_on(device):
             return f"reference (no Triton for {device.type} tensors)"
-        qkv = "qkv: fused GEMM" if self.config.fused_qkv else "qkv: 3 Linears"
+        qkv = f"qkv: one GEMM, {gemm_path('qkv')}" if self.config.fused_qkv else "qkv: 3 Linears"
         if not self.config.fused_attention:
             return f"{qkv}, attention: reference (fused_attention off)"
         reason = attention_unsupported(self.head_dim, dtype)
@@ -341,7 +393,7 @@ class FusedLayer(BertLayer):
     def fusion_path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         if not _triton_on(device):
             return f"reference (no Triton for {device.type} tensors)"
-        ffn = "fused" if self.config.fused_bias_gelu else "reference (flag off)"
+        ffn = f"fused, {gemm_path('bias_gelu')}" if self.config.fused_bias_gelu else "reference (flag off)"
         bdaln = _bdaln_path(self.config, device)
         return (
             f"{self.attention.self.fusion_path(device, dtype)}, bias+GELU: {ffn}, "
@@ -352,26 +404,43 @@ class FusedLayer(BertLayer):
 class FusedEncoder(BertEncoder):
     """The encoder stack; unpads once at its entry and re-pads once at its exit (see the module docstring).
 
-    forward(x (B, T, H), attention_mask (B, T) 1 = real token, or None) -> (B, T, H)."""
+    forward(x (B, T, H), attention_mask (B, T) 1 = real token, or None, packed PackedBatch or None) -> (B, T, H).
+    With `packed` (checked by the model against the batch) unpadding gathers its token indices: no host sync."""
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.config = config
         self.layer = nn.ModuleList(FusedLayer(config) for _ in range(config.num_hidden_layers))
 
-    def _unpad_possible(self, x: torch.Tensor) -> bool:
+    def _unpad_possible(self, x: torch.Tensor, packed: PackedBatch | None = None) -> bool:
         return (
             self.config.unpad
-            and not _compiling()
+            and (packed is not None or not _compiling())
             and all(layer.attention.self.can_unpad(x) for layer in self.layer)
         )
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedBatch | None = None
+    ) -> torch.Tensor:
         if not use_triton(x):
             return super().forward(x, attention_mask)
         # Under autocast the residual stream runs in autocast's dtype from entry to exit (module docstring).
         (x,) = _to_compute_dtype(x)
+        if packed is not None and attention_mask is not None and self._unpad_possible(x, packed):
+            return _to_compute_dtype(self._packed_layers(x, packed))[0]
         return _to_compute_dtype(self._layers(x, attention_mask))[0]
+
+    def _packed_layers(self, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
+        """Every layer on the real tokens the metadata names; no host synchronisation."""
+        B, T, _ = x.shape
+        packed_x = unpad_input_indexed(x, packed.token_indices)  # (N, H)
+        if packed.values_checked and not _compiling():  # checked on the CPU: attention need not read cu_seqlens
+            mark_cu_seqlens_checked(packed.cu_seqlens, packed.num_tokens, packed.max_seqlen)
+        layout = _Packed(packed.cu_seqlens, packed.max_seqlen)
+        for layer in self.layer:
+            packed_x = layer(packed_x, None, layout)  # (N, H)
+        # The metadata's indices were checked against this batch (PackedBatch.check): no value check here.
+        return pad_input(packed_x, packed.token_indices, B, T, validate=False)  # (B, T, H), zeros at padding
 
     def _layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is None or not self._unpad_possible(x):
@@ -399,7 +468,10 @@ class FusedEncoder(BertEncoder):
             return "padded (unpad off)"
         if not all(layer.attention.self.can_unpad(probe) for layer in self.layer):
             return "padded (unpadding needs the fused variable-length attention)"
-        return "unpadded: real tokens only between entry and exit (padded under torch.compile)"
+        return (
+            "unpadded: real tokens only between entry and exit (without packed= metadata: host syncs, and padded "
+            "under torch.compile)"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- MLM head
@@ -434,13 +506,15 @@ class FusedLMPredictionHead(BertLMPredictionHead):
         self.transform = FusedPredictionHeadTransform(config)
 
     def fused_mlm_scores(
-        self, hidden: torch.Tensor, labels: torch.Tensor, masked_only: bool
+        self, hidden: torch.Tensor, labels: torch.Tensor, masked_only: bool, packed: PackedBatch | None = None
     ) -> tuple[None, torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """(logits=None, loss, correct, count) as `modeling.mlm_scores`, or None when the fused loss is off or
         has no kernel for these tensors (the caller then runs the reference scoring).
 
         hidden (B, T, H), labels (B, T) with -100 where nothing is predicted. Only the labelled rows go through
-        the head (under torch.compile every row goes, ignore_index skipping the others: static shapes)."""
+        the head: gathered at `packed.labelled_positions` (no host sync, compiles) when the metadata is given,
+        else found with a nonzero (one host sync; under torch.compile every row goes instead, ignore_index
+        skipping the others: static shapes)."""
         if not (self.config.fused_mlm_loss and use_triton(hidden)):
             return None
         if labels.shape != hidden.shape[:-1]:
@@ -450,6 +524,15 @@ class FusedLMPredictionHead(BertLMPredictionHead):
         # so under autocast only the activation is cast here.
         (hidden,) = _to_compute_dtype(hidden)
         count = (labels != IGNORE_INDEX).sum()
+        if packed is not None and packed.labelled_positions is not None:
+            positions = packed.labelled_positions  # (n,), labels checked on the host (PackedBatch.check)
+            rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (n, H)
+            loss, correct = mlm_cross_entropy_gathered(
+                rows, labels.reshape(-1).index_select(0, positions), t.dense.weight, t.dense.bias,
+                t.LayerNorm.weight, t.LayerNorm.bias, self.decoder.weight, self.decoder.bias,
+                approximate=t.approximate, eps=t.LayerNorm.eps, check_labels=False,
+            )  # fmt: skip
+            return None, loss, correct, count
         if _compiling():
             return (None, *self._static_shape_scores(hidden, labels), count)
         loss, correct = mlm_cross_entropy(
@@ -475,7 +558,7 @@ class FusedLMPredictionHead(BertLMPredictionHead):
         if not _triton_on(device):
             return f"reference (no Triton for {device.type} tensors)"
         loss = "fused mlm_cross_entropy on labelled rows" if self.config.fused_mlm_loss else "reference loss"
-        gelu = "fused" if self.config.fused_bias_gelu else "reference"
+        gelu = f"fused, {gemm_path('bias_gelu')}" if self.config.fused_bias_gelu else "reference"
         return f"transform bias+GELU: {gelu}, LayerNorm: {_bdaln_path(self.config, device)}, loss: {loss}"
 
 

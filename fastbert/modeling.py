@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import BertConfig
+from .packing import PackedBatch
 
 IGNORE_INDEX = -100
 
@@ -147,6 +148,12 @@ def check_labels(name: str, labels: torch.Tensor, num_classes: int, ignore_index
         raise ValueError(f"{name} must lie in {allowed}, got values in [{int(real.min())}, {int(real.max())}]")
 
 
+def _check_packed(packed: object, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    if not isinstance(packed, PackedBatch):
+        raise ValueError(f"packed must be a fastbert.packing.PackedBatch or None, got {type(packed).__name__}")
+    packed.check(input_ids, attention_mask)
+
+
 def upcast(x: torch.Tensor) -> torch.Tensor:
     """Losses are computed in at least float32: fp16/bf16 logits are upcast, float32/float64 kept."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -159,22 +166,36 @@ def extended_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     return attention_mask.bool()[:, None, None, :]
 
 
-def mlm_scores(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, masked_only: bool):
+def mlm_scores(
+    head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, masked_only: bool, packed: PackedBatch | None = None
+):
     """Run the MLM head and its loss. hidden (B, T, H), labels (B, T) with -100 where nothing is predicted.
 
     Returns (logits, loss, correct, count): logits (B, T, V), or (n_labelled, V) with `masked_only` (rows in
     row-major order of the labelled positions); loss = mean cross-entropy over labelled positions, 0 with
-    zero gradients when there is none (plain cross_entropy would give NaN there).
+    zero gradients when there is none (plain cross_entropy would give NaN there). With `packed` (checked
+    against labels by the caller) the labelled rows are gathered at its positions: no data-dependent shape.
     """
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels has shape {tuple(labels.shape)} but the input has {tuple(hidden.shape[:-1])}")
     fused = getattr(head, "fused_mlm_scores", None)  # fastbert.fused.FusedLMPredictionHead
     if fused is not None:
-        out = fused(hidden, labels, masked_only)  # None: no fused path for these tensors
+        out = fused(hidden, labels, masked_only, packed)  # None: no fused path for these tensors
         if out is not None:
             return out
     flat_l = labels.reshape(-1)  # (B·T,)
     keep = flat_l != IGNORE_INDEX
+    if packed is not None and packed.labelled_positions is not None:
+        positions = packed.labelled_positions  # (n,)
+        target = flat_l.index_select(0, positions)  # (n,)
+        if masked_only:
+            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions))  # (n, V)
+            picked = logits
+        else:
+            logits = head(hidden)  # (B, T, V)
+            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)  # (n, V)
+        loss = picked.sum() * 0.0 if packed.num_labelled == 0 else F.cross_entropy(upcast(picked), target)
+        return logits, loss, (picked.detach().argmax(-1) == target).sum(), keep.sum()
     if masked_only:
         logits = head(hidden.reshape(-1, hidden.shape[-1])[keep])  # (n, V)
         picked = logits
@@ -306,7 +327,10 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedBatch | None = None
+    ) -> torch.Tensor:
+        """`packed` (the batch's packing metadata) changes nothing here: the reference always runs padded."""
         key_mask = extended_mask(attention_mask)
         for layer in self.layer:
             x = layer(x, key_mask)
@@ -428,10 +452,15 @@ class BertModel(BertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        packed: PackedBatch | None = None,
     ) -> BertModelOutput:
+        """`packed`: the batch's `fastbert.packing.PackedBatch` (from the data loader), or None. With it the fused
+        encoder unpads without a host synchronisation; without it, behaviour is unchanged."""
         check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
+        if packed is not None:
+            _check_packed(packed, input_ids, attention_mask)
         x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, H)
-        hidden = self.encoder(x, attention_mask)  # (B, T, H)
+        hidden = self.encoder(x, attention_mask, packed) if packed is not None else self.encoder(x, attention_mask)
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BertModelOutput(hidden, pooled)
 
@@ -451,14 +480,19 @@ class BertForPreTraining(BertPreTrainedModel):
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
         masked_only: bool = False,
+        packed: PackedBatch | None = None,
     ) -> PreTrainingOutput:
         """`labels` (B, T): token id to predict, -100 elsewhere. With `masked_only`, the MLM head decodes
-        only the labelled positions (prediction_logits is then (n_labelled, V), in row-major order)."""
-        hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        only the labelled positions (prediction_logits is then (n_labelled, V), in row-major order). `packed`:
+        the batch's packing metadata (see `BertModel.forward`), which also names the labelled positions."""
+        if packed is not None and labels is not None:
+            _check_packed(packed, input_ids, attention_mask)
+            packed.check_labels(labels, self.config.vocab_size)
+        hidden, pooled = self.bert(input_ids, attention_mask, token_type_ids, packed=packed)
         nsp_logits = self.cls.seq_relationship(pooled)  # (B, 2)
         mlm_loss = nsp_loss = correct = count = None
         if labels is not None:
-            logits, mlm_loss, correct, count = mlm_scores(self.cls.predictions, hidden, labels, masked_only)
+            logits, mlm_loss, correct, count = mlm_scores(self.cls.predictions, hidden, labels, masked_only, packed)
         elif masked_only:
             raise ValueError("masked_only=True needs labels (it scores the labelled positions only)")
         else:
@@ -485,11 +519,15 @@ class BertForMaskedLM(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         masked_only: bool = False,
+        packed: PackedBatch | None = None,
     ) -> MaskedLMOutput:
-        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids)
+        if packed is not None and labels is not None:
+            _check_packed(packed, input_ids, attention_mask)
+            packed.check_labels(labels, self.config.vocab_size)
+        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids, packed=packed)
         loss = correct = count = None
         if labels is not None:
-            logits, loss, correct, count = mlm_scores(self.cls.predictions, hidden, labels, masked_only)
+            logits, loss, correct, count = mlm_scores(self.cls.predictions, hidden, labels, masked_only, packed)
         elif masked_only:
             raise ValueError("masked_only=True needs labels (it scores the labelled positions only)")
         else:
@@ -515,8 +553,9 @@ class BertForSequenceClassification(BertPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        packed: PackedBatch | None = None,
     ) -> SequenceClassifierOutput:
-        _, pooled = self.bert(input_ids, attention_mask, token_type_ids)
+        _, pooled = self.bert(input_ids, attention_mask, token_type_ids, packed=packed)
         logits = self.classifier(self.dropout(pooled))  # (B, num_labels)
         loss = None
         if labels is not None:
@@ -550,8 +589,9 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
+        packed: PackedBatch | None = None,
     ) -> QuestionAnsweringOutput:
-        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids)
+        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids, packed=packed)
         start_logits, end_logits = self.qa_outputs(hidden).unbind(-1)  # (B, T) each
         loss = None
         if start_positions is not None and end_positions is not None:

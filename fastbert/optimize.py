@@ -14,6 +14,12 @@ encoder_attention_mask=..., cache=..., use_cache=..., **kwargs)`` returning a
 transformers passes (None, bool ``[B, 1, T, T]`` for SDPA, additive float ``[B, 1, T, T]`` for eager, or the 2-D
 ``[B, T]`` mask of the flash-attention path). Embeddings, pooler and heads stay transformers' own.
 
+Packing metadata (transformers models too): ``model(input_ids, attention_mask=..., packed=PackedBatch)`` — transformers
+passes unknown keyword arguments down to its encoder — runs the swapped encoder on the packed real tokens without a
+host synchronisation (`fastbert.packing`); the key padding mask is then not re-derived from the expanded mask on a
+device (that check reads values back), and on CPU tensors the metadata is checked against it. transformers' own
+code around the encoder (its mask preparation) may still synchronise; the MLM head stays transformers' (all rows).
+
 Caution (transformers models): decoders, cross-attention, KV caches and relative position embeddings are
 refused; `output_hidden_states` / `output_attentions` raise a ValueError (the swapped encoder has no per-layer
 outputs to give; transformers would otherwise return empty tuples silently); gradient checkpointing of the
@@ -31,17 +37,21 @@ from torch import nn
 from .config import FUSION_FLAGS, BertConfig
 from .fused import FusedEncoder, _build_like, _compiling, apply_fusions
 from .modeling import BertPreTrainedModel
+from .packing import PackedBatch, _values_readable
 
 __all__ = ["HFFusedEncoder", "key_padding_from_hf_mask", "optimize"]
 
 
-def key_padding_from_hf_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+def key_padding_from_hf_mask(
+    attention_mask: torch.Tensor | None, B: int, T: int, check: bool = True
+) -> torch.Tensor | None:
     """The bool key padding mask [B, T] (True = real token) behind the mask transformers hands its encoder.
 
     Accepts None, [B, T] (1/True = real token), or an expanded [B, 1 or h, Tq, T] / [B, Tq, T] mask: bool
     (True = attend) or additive float (0 = attend, very negative = masked; entries < -1 count as masked, the
     kernels' convention). An expanded mask must be the same for every query (a padding mask); a mask that is
-    not (causal, arbitrary) raises a ValueError — checked outside torch.compile only."""
+    not (causal, arbitrary) raises a ValueError — checked outside torch.compile and with `check` only (on a
+    device the check synchronises)."""
     m = attention_mask
     if m is None:
         return None
@@ -57,7 +67,7 @@ def key_padding_from_hf_mask(attention_mask: torch.Tensor | None, B: int, T: int
         raise ValueError(f"attention_mask must be [B, T], [B, Tq, T] or [B, h, Tq, T] with T={T}, got {list(m.shape)}")
     allowed = m if m.dtype == torch.bool else m > -1.0  # (B, h, Tq, T) True = attend
     key = allowed[:, 0, 0, :].expand(B, T)  # (B, T)
-    if not _compiling() and not bool((allowed == key[:, None, None, :]).all()):
+    if check and not _compiling() and not bool((allowed == key[:, None, None, :]).all()):
         raise ValueError(
             "attention_mask varies across queries (causal or arbitrary mask): the fused encoder supports "
             "key padding masks only"
@@ -90,9 +100,15 @@ class HFFusedEncoder(FusedEncoder):
                     f"{flag}: the fused encoder does not expose per-layer outputs (transformers would silently "
                     "return none); call the model without it, or use the model before optimize()"
                 )
+        packed = kwargs.get("packed")
+        if packed is not None and not isinstance(packed, PackedBatch):
+            raise ValueError(f"packed must be a fastbert.packing.PackedBatch or None, got {type(packed).__name__}")
         B, T, _ = hidden_states.shape
-        key_padding = key_padding_from_hf_mask(attention_mask, B, T)  # (B, T) or None
-        out = super().forward(hidden_states, key_padding)
+        readable = _values_readable(hidden_states)
+        key_padding = key_padding_from_hf_mask(attention_mask, B, T, check=packed is None or readable)  # (B, T)
+        if packed is not None and key_padding is not None:
+            packed.check(hidden_states[..., 0], key_padding)  # values compared on CPU tensors only
+        out = super().forward(hidden_states, key_padding, packed)
         return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
 
 

@@ -78,7 +78,9 @@ __all__ = [
     "attention_ref",
     "attention_varlen_ref",
     "fused_attention",
+    "fused_attention_qkvpacked",
     "fused_attention_varlen",
+    "fused_attention_varlen_qkvpacked",
     "pad_input",
     "unpad_input",
 ]
@@ -515,8 +517,7 @@ def _(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
     return out, torch.empty(lse_shape, dtype=torch.float32, device=q.device)
 
 
-@torch.library.custom_op("kernels::flash_attn_bwd", mutates_args=())
-def _flash_attn_bwd(
+def _flash_attn_bwd_into(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -529,17 +530,20 @@ def _flash_attn_bwd(
     dropout_p: float,
     softmax_scale: float,
     seed: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq: torch.Tensor,
+    dk: torch.Tensor,
+    dv: torch.Tensor,
+) -> None:
+    """The backward launches, writing into dq, dk, dv (any strides with a unit last one; dk and dv alike)."""
     varlen = cu_seqlens is not None
     B, H, Tq, Tk, row_stride, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+        for t in (dq, dk, dv):
+            t.zero_()
+        return
     block_d = max(16, triton.next_power_of_2(D))
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
@@ -565,7 +569,52 @@ def _flash_attn_bwd(
         q, k, v, do, lse, delta, dq, mask_arg, cu_arg, seed_value(seed),
         *in_strides, *_strides3(dq, varlen), sl_b, sl_h, *scalars, **common,
     )  # fmt: skip
+
+
+@torch.library.custom_op("kernels::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    keep_key: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    _flash_attn_bwd_into(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
+                         dq, dk, dv)  # fmt: skip
     return dq, dk, dv
+
+
+@torch.library.custom_op("kernels::flash_attn_bwd_qkvpacked", mutates_args=())
+def _flash_attn_bwd_qkvpacked(
+    do: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    keep_key: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int,
+    dropout_p: float,
+    softmax_scale: float,
+    seed: torch.Tensor,
+) -> torch.Tensor:
+    """dqkv [..., 3, h, d] in one buffer (the layout of qkv): dq, dk, dv written in place, no concatenation."""
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+    _flash_attn_bwd_into(do, *qkv.unbind(-3), out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
+                         seed, *dqkv.unbind(-3))  # fmt: skip
+    return dqkv
+
+
+@_flash_attn_bwd_qkvpacked.register_fake
+def _(do, qkv, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 @_flash_attn_bwd.register_fake
@@ -592,6 +641,27 @@ class FlashAttnFunction(torch.autograd.Function):
             do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
         )
         return dq, dk, dv, None, None, None, None, None, None
+
+
+class FlashAttnQKVPackedFunction(torch.autograd.Function):
+    """`FlashAttnFunction` on one packed qkv [..., 3, h, d]: its gradient is one dqkv buffer of that layout, which a
+    fused QKV projection's backward reads as ``[M, 3H]`` directly (no torch.cat of dq, dk, dv)."""
+
+    @staticmethod
+    def forward(ctx, qkv, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+        q, k, v = qkv.unbind(-3)
+        out, lse = _flash_attn_fwd(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+        ctx.save_for_backward(qkv, out, lse, keep_key, cu_seqlens, seed)
+        ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        qkv, out, lse, keep_key, cu_seqlens, seed = ctx.saved_tensors
+        dqkv = _flash_attn_bwd_qkvpacked(
+            do, qkv, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
+        )
+        return dqkv, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -670,6 +740,13 @@ def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device
         _checked_cu[cu_seqlens] = key
 
 
+def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Record that `cu_seqlens`' values were validated on the host before it reached the device (packing metadata
+    from a CPU data loader), so `fused_attention_varlen` skips its device-to-host copy of them for this version."""
+    if not torch.compiler.is_compiling() and not cu_seqlens.is_inference():
+        _checked_cu[cu_seqlens] = (cu_seqlens._version, total, max_seqlen)
+
+
 def _run_kernel(q: torch.Tensor, *others: torch.Tensor) -> bool:
     """use_triton, except bf16 on the CPU interpreter, whose bf16 tl.dot is wrong: reference path there."""
     if not use_triton(q, *others):
@@ -742,6 +819,56 @@ def fused_attention_varlen(
         return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t)
     dropout_mask = attention_dropout_mask_varlen(seed_t, cu_seqlens, H, max_seqlen, dropout_p) if dropout_p else None
     return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask, upcast=True)
+
+
+def _split_qkv(qkv: object, ndim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = "[B, T, 3, h, d]" if ndim == 5 else "[total_tokens, 3, h, d]"
+    check_tensor("qkv", qkv, ndim=ndim, dtypes=FLOAT_DTYPES)
+    if qkv.shape[-3] != 3:
+        raise ValueError(f"qkv must be {layout} (q, k, v stacked on dim -3), got {list(qkv.shape)}")
+    return qkv.unbind(-3)
+
+
+def fused_attention_qkvpacked(
+    qkv: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`fused_attention` on q, k, v stacked in one qkv [B, T, 3, h, d] (what a fused QKV GEMM writes). Its gradient
+    is one dqkv buffer of the same layout: dq, dk, dv written in place, no concatenation. Returns [B, T, h, d]."""
+    q, k, v = _split_qkv(qkv, 5)
+    if not _run_kernel(q, k, v):
+        return fused_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+    _check_qkv(q, k, v, ndim=4)
+    B, T, _, d = q.shape
+    keep_key = key_padding_to_bool(key_padding_mask, B, T, q.device)
+    dropout_p = check_dropout_p(dropout_p)
+    scale = _check_scale(softmax_scale, d)
+    _check_offsets(T, T, dropout_p)
+    return FlashAttnQKVPackedFunction.apply(qkv, keep_key, None, 0, dropout_p, scale, draw_seed(seed))
+
+
+def fused_attention_varlen_qkvpacked(
+    qkv: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`fused_attention_varlen` on q, k, v stacked in one qkv [total_tokens, 3, h, d]; its gradient is one dqkv
+    buffer of that layout (see `fused_attention_qkvpacked`). Returns [total_tokens, h, d]."""
+    q, k, v = _split_qkv(qkv, 4)
+    if not _run_kernel(q, k, v, cu_seqlens):
+        return fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+    _check_qkv(q, k, v, ndim=3)
+    _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    dropout_p = check_dropout_p(dropout_p)
+    scale = _check_scale(softmax_scale, q.shape[-1])
+    _check_offsets(max_seqlen, max_seqlen, dropout_p)
+    return FlashAttnQKVPackedFunction.apply(qkv, None, cu_seqlens, max_seqlen, dropout_p, scale, draw_seed(seed))
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,8 +1,13 @@
-"""Linear + bias + GELU in one GEMM: ``y = gelu(x · Wᵀ + b)`` (BERT's FFN up-projection and MLM transform).
+"""Linear + bias + GELU: ``y = gelu(x · Wᵀ + b)`` (BERT's FFN up-projection and MLM transform), two GEMM paths.
 
-Fused: the bias add and the GELU (exact erf by default, ``approximate="tanh"`` selectable, the formulas of
-``torch.nn.functional.gelu``) run in the GEMM epilogue (`kernels.matmul`), on the fp32 accumulator, so the
-``M × N`` output is written once instead of three times (GEMM, +bias, GELU).
+``backend="triton"``: the bias add and the GELU (exact erf by default, ``approximate="tanh"`` selectable, the
+formulas of ``torch.nn.functional.gelu``) run in the GEMM epilogue (`kernels.matmul`), on the fp32 accumulator,
+so the ``M × N`` output is written once instead of three times (GEMM, +bias, GELU).
+``backend="cublas"`` (the default, see `kernels.matmul`'s GEMM path switch): ``z = torch.addmm(b, x, Wᵀ)``
+(cuBLASLt adds the bias in its epilogue), then the Triton GELU epilogue `kernels.bias_gelu` (``M·N`` read and
+written once more); ``z`` is the saved pre-activation as it is. Without gradients and with the tanh GELU,
+``torch._addmm_activation`` does it all in cuBLASLt's GELU epilogue on CUDA (its GELU is the tanh form there —
+erf on the CPU —; the erf GELU has no cuBLASLt epilogue, so erf always takes the Triton epilogue).
 
 Backward saves the pre-activation ``z = x · Wᵀ + b``: the epilogue writes it next to ``y`` for one extra
 ``M·N`` store, while recomputing it in backward would cost a whole extra GEMM (``2·M·N·K`` FLOPs, a third of
@@ -14,8 +19,9 @@ Bytes moved, forward: ``(M·K + N·K + N) · s`` read, ``M·N · s`` written (``
 ``s`` the element size; ``2·M·N·K`` FLOPs.
 
 Dtypes: fp32, fp16, bf16 (all inputs one dtype); fp32 accumulation; outputs in the input dtype.
-Caution: bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16 ``tl.dot``, so
-bf16 CPU tensors take the ``*_ref`` path, with a warning); no autocast handling (cast inputs yourself); ``x``
+Caution: on the Triton GEMM path bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do
+bf16 ``tl.dot``, so bf16 CPU tensors take the ``*_ref`` path, with a warning; the cuBLAS path's elementwise
+epilogue runs bf16 in the interpreter too); no autocast handling (cast inputs yourself); ``x``
 is flattened to 2-D with ``reshape`` (a copy when its strides do not allow a view).
 """
 
@@ -24,8 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor
-from kernels.matmul import GELU_CODES, gelu_backward, gemm_bias_act, gemm_dispatch
+from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor, use_triton
+from kernels.bias_gelu import bias_gelu_launch
+from kernels.matmul import GELU_CODES, check_backend, gelu_backward, gemm_bias_act, gemm_dispatch
 
 APPROXIMATIONS = tuple(GELU_CODES)  # ("none", "tanh")
 
@@ -52,6 +59,27 @@ def _(x, weight, bias, approximate, save_pre):
     return x.new_empty((M, N)), x.new_empty((M, N) if save_pre else (0,))
 
 
+@torch.library.custom_op("kernels::gelu_epilogue", mutates_args=())
+def _gelu_epilogue(z: torch.Tensor, approximate: str) -> torch.Tensor:
+    """gelu(z) for the 2-D output of a GEMM that added the bias itself (the cuBLAS path)."""
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    bias_gelu_launch(z if z.stride(-1) == 1 else z.contiguous(), None, approximate, y, None)
+    return y
+
+
+@_gelu_epilogue.register_fake
+def _(z, approximate):
+    return torch.empty(z.shape, dtype=z.dtype, device=z.device)
+
+
+def _cublas_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, save_pre: bool):
+    """(y, z) on the cuBLAS path for 2-D x: z = addmm (bias fused by cuBLASLt) is the pre-activation."""
+    if not save_pre and approximate == "tanh" and x.is_cuda:  # its GELU is tanh on CUDA only (erf on the CPU)
+        return torch._addmm_activation(bias, x, weight.t(), use_gelu=True), None  # (M, N), cuBLASLt GELU
+    z = torch.addmm(bias, x, weight.t())  # (M, N)
+    return torch.ops.kernels.gelu_epilogue(z, approximate), z
+
+
 @torch.library.custom_op("kernels::linear_bias_gelu_dz", mutates_args=())
 def _linear_bias_gelu_dz(dy: torch.Tensor, z: torch.Tensor, approximate: str) -> torch.Tensor:
     """dy · gelu'(z), elementwise, in z's dtype."""
@@ -68,8 +96,11 @@ def _(dy, z, approximate):
 
 class _LinearBiasGELU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str):
-        y, z = torch.ops.kernels.linear_bias_gelu_fwd(x, weight, bias, approximate, True)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str, backend: str):
+        if backend == "triton":
+            y, z = torch.ops.kernels.linear_bias_gelu_fwd(x, weight, bias, approximate, True)
+        else:
+            y, z = _cublas_forward(x, weight, bias, approximate, True)
         ctx.save_for_backward(x, weight, z)
         ctx.approximate = approximate
         return y
@@ -81,7 +112,7 @@ class _LinearBiasGELU(torch.autograd.Function):
         dx = dz @ weight if ctx.needs_input_grad[0] else None  # (M, K)
         dw = dz.t() @ x if ctx.needs_input_grad[1] else None  # (N, K)
         db = dz.sum(0) if ctx.needs_input_grad[2] else None  # (N,)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -106,23 +137,27 @@ def _check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, appro
 
 
 def linear_bias_gelu(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str = "none"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, approximate: str = "none", backend: str | None = None
 ) -> torch.Tensor:
-    """``gelu(x · weightᵀ + bias)`` with bias and GELU fused into the GEMM epilogue.
+    """``gelu(x · weightᵀ + bias)``: cuBLAS + Triton GELU epilogue, or one Triton GEMM with the epilogue fused.
 
     x ``[..., K]``, weight ``[N, K]`` (``nn.Linear`` layout), bias ``[N]``, all one dtype (fp32/fp16/bf16)
     and one device; returns ``[..., N]`` in that dtype. ``approximate`` is ``"none"`` (exact erf) or
-    ``"tanh"``. Differentiable in x, weight and bias.
+    ``"tanh"``. ``backend``: ``"cublas"``, ``"triton"`` or None (`kernels.matmul.gemm_backend("bias_gelu")`).
+    Differentiable in x, weight and bias.
     """
     _check_args(x, weight, bias, approximate)
-    if not gemm_dispatch(x, weight, bias):
+    backend = check_backend(backend, "bias_gelu")
+    if not (use_triton(x, weight, bias) if backend == "cublas" else gemm_dispatch(x, weight, bias)):
         return linear_bias_gelu_ref(x, weight, bias, approximate)
     lead = x.shape[:-1]
     x2d = x.reshape(lead.numel(), x.shape[-1])  # (M, K)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
-        y = _LinearBiasGELU.apply(x2d, weight, bias, approximate)
-    else:
+        y = _LinearBiasGELU.apply(x2d, weight, bias, approximate, backend)
+    elif backend == "triton":
         y, _ = torch.ops.kernels.linear_bias_gelu_fwd(x2d, weight, bias, approximate, False)
+    else:
+        y, _ = _cublas_forward(x2d, weight, bias, approximate, False)
     return y.view(*lead, weight.shape[0])  # (..., N)
 
 

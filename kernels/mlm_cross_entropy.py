@@ -350,17 +350,20 @@ def mlm_cross_entropy_gathered(
     *,
     approximate: str = "none",
     eps: float = 1e-12,
+    check_labels: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``mlm_cross_entropy`` on rows the caller already gathered: rows ``[n, H]``, row_labels ``[n]`` int64,
     every label in ``[0, V)``. No data-dependent shapes: this is the entry point for
-    ``torch.compile(fullgraph=True)`` (the label-value check is skipped while compiling)."""
+    ``torch.compile(fullgraph=True)`` (the label-value check is skipped while compiling, and with
+    ``check_labels=False`` — for labels the caller checked on the host: on a device the check synchronises)."""
     check_tensor("rows", rows, ndim=2, dtypes=FLOAT_DTYPES)
     check_tensor("row_labels", row_labels, ndim=1, dtypes=(torch.int64,), device=rows.device)
     if row_labels.shape[0] != rows.shape[0]:
         raise ValueError(f"row_labels has {row_labels.shape[0]} entries but rows has {rows.shape[0]} rows")
     weights = (dense_weight, dense_bias, ln_weight, ln_bias, decoder_weight, decoder_bias)
     V = _check_weights(rows.shape[1], rows.device, *weights, approximate, eps)
-    _check_label_values(row_labels, V, None)
+    if check_labels:
+        _check_label_values(row_labels, V, None)
     if rows.shape[0] == 0 or not use_triton(rows, row_labels, *weights):
         return mlm_cross_entropy_ref(rows, row_labels, *weights, approximate=approximate, eps=eps)
     return _head_loss(rows, row_labels, *weights, approximate, eps)

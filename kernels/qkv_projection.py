@@ -7,7 +7,18 @@ for 2-D x), the layout the fused attention reads, so there is no split, transpos
 after the GEMM. ``W_qkv`` is Hugging Face's query, key and value ``nn.Linear`` weights stacked in that order
 (``torch.cat([Wq, Wk, Wv])``), likewise the bias.
 
-Backward concatenates ``dq, dk, dv`` into ``dY [M, 3H]`` (one copy) and uses cuBLAS on it:
+Two GEMM paths (`kernels.matmul`'s switch): ``backend="triton"`` is the above; ``backend="cublas"`` (the default)
+runs ``torch.addmm`` (cuBLASLt adds the bias in its epilogue, so a Triton epilogue would save nothing) into one
+``[M, 3H]`` buffer and returns q, k, v as views of it: ``[B, T, h, d]`` with row stride ``3H`` (not
+contiguous; the fused attention reads any token/head strides with a unit last stride).
+
+`qkv_projection_packed` returns one ``qkv [..., 3, h, d]`` instead (the layout of the GEMM's ``[M, 3H]`` output,
+on both paths), for `kernels.attention.fused_attention_qkvpacked` / ``_varlen_qkvpacked``, whose backward writes dq,
+dk, dv into one ``dqkv`` buffer of that layout: the weight-gradient GEMMs read it as ``dY [M, 3H]`` directly, with no
+concatenation (the copy `qkv_projection`'s backward makes: ``2 · 3·M·H · s`` bytes, 302 MB per layer at
+``M = 32768``, H = 768 in bf16).
+
+`qkv_projection`'s backward concatenates ``dq, dk, dv`` into ``dY [M, 3H]`` (one copy) and uses cuBLAS on it:
 ``dx = dY · W_qkv``, ``dW_qkv = dYᵀ · x``, ``db_qkv = Σ_rows dY``: the same GEMMs, accumulation and rounding
 as ``nn.Linear``'s backward.
 
@@ -16,10 +27,10 @@ size); ``6·M·H²`` FLOPs. Unfused, HF's three Linears read x three times and t
 ``view(B, T, h, d).transpose(1, 2)`` leads to a copy of each output before attention.
 
 Dtypes: fp32, fp16, bf16 (all inputs one dtype); fp32 accumulation; outputs in the input dtype.
-Caution: bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16 ``tl.dot``, so
-bf16 CPU tensors take the ``*_ref`` path, with a warning); the outputs are ``[B, T, h, d]``, not
-``[B, h, T, d]`` (``.transpose(1, 2)`` is a free view where that is wanted); no autocast handling; no fused
-backward (concatenating dq, dk, dv is a real copy).
+Caution: on the Triton path bf16 runs the kernel only compiled on a GPU (Triton's interpreter cannot do bf16
+``tl.dot``, so bf16 CPU tensors take the ``*_ref`` path, with a warning); the outputs are ``[B, T, h, d]``, not
+``[B, h, T, d]`` (``.transpose(1, 2)`` is a free view where that is wanted); no autocast handling; `qkv_projection`'s
+backward concatenates dq, dk, dv (a real copy; `qkv_projection_packed` with the packed attention avoids it).
 """
 
 from __future__ import annotations
@@ -27,8 +38,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor
-from kernels.matmul import gemm_bias_act, gemm_dispatch
+from kernels._common import FLOAT_DTYPES, check_same_dtype, check_tensor, use_triton
+from kernels.matmul import check_backend, gemm_bias_act, gemm_dispatch
 
 # ----------------------------------------------------------------------------------------------- ops
 # torch.library custom op: opaque to torch.compile (no graph break), with a fake implementation for tracing.
@@ -51,13 +62,39 @@ def _(x, w_qkv, b_qkv, num_heads):
     return tuple(x.new_empty((M, num_heads, H // num_heads)) for _ in range(3))
 
 
+@torch.library.custom_op("kernels::qkv_projection_packed_fwd", mutates_args=())
+def _qkv_projection_packed_fwd(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """qkv, a contiguous ``[M, 3, h, d]``, from 2-D ``x [M, H]`` (the Triton GEMM, bias in its epilogue)."""
+    M, H = x.shape
+    qkv = x.new_empty((M, 3, num_heads, H // num_heads))
+    gemm_bias_act(x, w_qkv, b_qkv.contiguous(), qkv.view(M, 3 * H))
+    return qkv
+
+
+@_qkv_projection_packed_fwd.register_fake
+def _(x, w_qkv, b_qkv, num_heads):
+    M, H = x.shape
+    return x.new_empty((M, 3, num_heads, H // num_heads))
+
+
 # ------------------------------------------------------------------------------------------ autograd
+
+
+def _cublas_qkv(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int):
+    """q, k, v as [M, h, d] views (row stride 3H) of one addmm output, bias fused by cuBLASLt."""
+    M, H = x.shape
+    y = torch.addmm(b_qkv, x, w_qkv.t())  # (M, 3H)
+    return y.view(M, 3, num_heads, H // num_heads).unbind(1)  # 3 × (M, h, d)
 
 
 class _QKVProjection(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int):
+    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str):
         ctx.save_for_backward(x, w_qkv)
+        if backend == "cublas":
+            return _cublas_qkv(x, w_qkv, b_qkv, num_heads)
         return torch.ops.kernels.qkv_projection_fwd(x, w_qkv, b_qkv, num_heads)
 
     @staticmethod
@@ -68,7 +105,31 @@ class _QKVProjection(torch.autograd.Function):
         dx = dy @ w_qkv if ctx.needs_input_grad[0] else None  # (M, H)
         dw = dy.t() @ x if ctx.needs_input_grad[1] else None  # (3H, H)
         db = dy.sum(0) if ctx.needs_input_grad[2] else None  # (3H,)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
+
+
+def _packed_forward(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str):
+    M, H = x.shape
+    if backend == "cublas":
+        return torch.addmm(b_qkv, x, w_qkv.t()).view(M, 3, num_heads, H // num_heads)  # (M, 3, h, d)
+    return torch.ops.kernels.qkv_projection_packed_fwd(x, w_qkv, b_qkv, num_heads)  # (M, 3, h, d)
+
+
+class _QKVProjectionPacked(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str):
+        ctx.save_for_backward(x, w_qkv)
+        return _packed_forward(x, w_qkv, b_qkv, num_heads, backend)
+
+    @staticmethod
+    def backward(ctx, dqkv: torch.Tensor):
+        x, w_qkv = ctx.saved_tensors
+        M, H = x.shape
+        dy = dqkv.reshape(M, 3 * H)  # (M, 3H): a view of the one gradient buffer, no copy when it is contiguous
+        dx = dy @ w_qkv if ctx.needs_input_grad[0] else None  # (M, H)
+        dw = dy.t() @ x if ctx.needs_input_grad[1] else None  # (3H, H)
+        db = dy.sum(0) if ctx.needs_input_grad[2] else None  # (3H,)
+        return dx, dw, db, None, None
 
 
 # -------------------------------------------------------------------------------------------- public
@@ -94,25 +155,28 @@ def _check_args(x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_h
 
 
 def qkv_projection(
-    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``q, k, v`` of BERT self-attention from one fused GEMM, each contiguous ``[B, T, h, d]``.
+    """``q, k, v`` of BERT self-attention from one GEMM, each ``[B, T, h, d]`` with a unit last stride.
 
     x ``[B, T, H]`` (or ``[N, H]``, giving ``[N, h, d]``), w_qkv ``[3H, H]`` (query, key, value weights
     stacked), b_qkv ``[3H]``, all one dtype (fp32/fp16/bf16) and one device; ``d = H // num_heads``.
-    Differentiable in x, w_qkv and b_qkv.
+    ``backend``: ``"triton"`` (three contiguous outputs), ``"cublas"`` (views of one ``[..., 3H]`` buffer) or
+    None (`kernels.matmul.gemm_backend("qkv")`). Differentiable in x, w_qkv and b_qkv.
     """
     _check_args(x, w_qkv, b_qkv, num_heads)
-    if not gemm_dispatch(x, w_qkv, b_qkv):
+    backend = check_backend(backend, "qkv")
+    if not (use_triton(x, w_qkv, b_qkv) if backend == "cublas" else gemm_dispatch(x, w_qkv, b_qkv)):
         return qkv_projection_ref(x, w_qkv, b_qkv, num_heads)
     lead, H = x.shape[:-1], x.shape[-1]
     x2d = x.reshape(lead.numel(), H)  # (M, H)
     if torch.is_grad_enabled() and (x.requires_grad or w_qkv.requires_grad or b_qkv.requires_grad):
-        q, k, v = _QKVProjection.apply(x2d, w_qkv, b_qkv, num_heads)
+        q, k, v = _QKVProjection.apply(x2d, w_qkv, b_qkv, num_heads, backend)
+    elif backend == "cublas":
+        q, k, v = _cublas_qkv(x2d, w_qkv, b_qkv, num_heads)
     else:
         q, k, v = torch.ops.kernels.qkv_projection_fwd(x2d, w_qkv, b_qkv, num_heads)
-    d = H // num_heads
-    return q.view(*lead, num_heads, d), k.view(*lead, num_heads, d), v.view(*lead, num_heads, d)  # (B, T, h, d)
+    return tuple(t.unflatten(0, lead) for t in (q, k, v))  # 3 × (B, T, h, d)
 
 
 def qkv_projection_ref(
@@ -122,3 +186,29 @@ def qkv_projection_ref(
     H = x.shape[-1]
     q, k, v = F.linear(x, w_qkv, b_qkv).split(H, dim=-1)  # 3 × (..., H)
     return tuple(t.unflatten(-1, (num_heads, H // num_heads)) for t in (q, k, v))  # (..., h, d)
+
+
+def qkv_projection_packed(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int, backend: str | None = None
+) -> torch.Tensor:
+    """`qkv_projection` with q, k, v stacked in one contiguous ``qkv [B, T, 3, h, d]`` (``[N, 3, h, d]`` for 2-D x),
+    for the packed attention entry points; its backward reads the incoming ``dqkv`` as ``[M, 3H]`` (no copy)."""
+    _check_args(x, w_qkv, b_qkv, num_heads)
+    backend = check_backend(backend, "qkv")
+    if not (use_triton(x, w_qkv, b_qkv) if backend == "cublas" else gemm_dispatch(x, w_qkv, b_qkv)):
+        return qkv_projection_packed_ref(x, w_qkv, b_qkv, num_heads)
+    lead, H = x.shape[:-1], x.shape[-1]
+    x2d = x.reshape(lead.numel(), H)  # (M, H)
+    if torch.is_grad_enabled() and (x.requires_grad or w_qkv.requires_grad or b_qkv.requires_grad):
+        qkv = _QKVProjectionPacked.apply(x2d, w_qkv, b_qkv, num_heads, backend)
+    else:
+        qkv = _packed_forward(x2d, w_qkv, b_qkv, num_heads, backend)
+    return qkv.unflatten(0, lead)  # (B, T, 3, h, d)
+
+
+def qkv_projection_packed_ref(
+    x: torch.Tensor, w_qkv: torch.Tensor, b_qkv: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """Plain PyTorch: ``F.linear`` unflattened to ``[..., 3, h, d]``."""
+    H = x.shape[-1]
+    return F.linear(x, w_qkv, b_qkv).unflatten(-1, (3, num_heads, H // num_heads))  # (..., 3, h, d)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fastbert.packing import PackedBatch
+
 from .prepare import FORMAT_VERSION, SPLITS, load_array
 
 IGNORE_INDEX = -100
@@ -143,14 +145,17 @@ class PretrainingDataset(torch.utils.data.Dataset):
         }
 
 
-def collate(items: list[dict[str, torch.Tensor]], pad_to_multiple: int = 8) -> dict[str, torch.Tensor]:
+def collate(items: list[dict[str, torch.Tensor]], pad_to_multiple: int = 8) -> dict[str, torch.Tensor | PackedBatch]:
     """Stack items and drop the padding columns no sequence of the batch uses (length rounded up to a
-    multiple of `pad_to_multiple`, which keeps GPU matmul shapes friendly)."""
+    multiple of `pad_to_multiple`, which keeps GPU matmul shapes friendly). ``batch["packed"]`` is the batch's
+    packing metadata (`fastbert.packing.PackedBatch`: cu_seqlens, max_seqlen, token indices, labelled positions
+    and their count), computed here on the CPU so that the model's step needs no device→host synchronisation."""
     batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
     longest = int(batch["attention_mask"].sum(1).max())
     T = min(batch["input_ids"].shape[1], -(-longest // pad_to_multiple) * pad_to_multiple)
     for k in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         batch[k] = batch[k][:, :T]
+    batch["packed"] = PackedBatch.from_batch(batch["attention_mask"], batch["labels"])
     return batch
 
 

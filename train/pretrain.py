@@ -630,7 +630,7 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo, stopper: Graceful
             with sync:
                 with autocast(dev, dtype):
                     out = ddp_model(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["labels"],
-                                    b["next_sentence_label"], masked_only=True)
+                                    b["next_sentence_label"], masked_only=True, packed=b["packed"])
                 # DDP averages gradients over ranks, hence × world_size.
                 w = info.world_size
                 loss = (out.mlm_loss * (out.mlm_count.double() * w / n_masked).float()

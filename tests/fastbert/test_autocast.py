@@ -44,8 +44,11 @@ mlm_kernels = importlib.import_module("kernels.mlm_cross_entropy")
 # its weights itself): those must arrive as the fp32 parameters, uncast.
 COMPUTE_ARGS = {
     "qkv_projection": ("x", "w_qkv", "b_qkv"),
+    "qkv_projection_packed": ("x", "w_qkv", "b_qkv"),
     "fused_attention": ("q", "k", "v"),
     "fused_attention_varlen": ("q", "k", "v"),
+    "fused_attention_qkvpacked": ("qkv",),
+    "fused_attention_varlen_qkvpacked": ("qkv",),
     "scaled_masked_softmax_dropout": ("scores",),
     "linear_bias_gelu": ("x", "weight", "bias"),
     "bias_dropout_add_layernorm": ("x", "residual"),
@@ -55,8 +58,8 @@ COMPUTE_ARGS = {
 INNER_MLM_KERNELS = ("linear_bias_gelu", "bias_dropout_add_layernorm")
 
 PATHS = {  # path -> (config overrides, fusion flags for `optimize`, the attention kernel it must call)
-    "unpadded": ({}, {}, "fused_attention_varlen"),
-    "padded": ({}, dict(unpad=False), "fused_attention"),
+    "unpadded": ({}, {}, "fused_attention_varlen_qkvpacked"),
+    "padded": ({}, dict(unpad=False), "fused_attention_qkvpacked"),
     # head_dim 8 is below the flash-style kernel's range: materialised scores + softmax-dropout kernel.
     "softmax fallback": (dict(num_attention_heads=12), {}, "scaled_masked_softmax_dropout"),
 }
@@ -124,7 +127,8 @@ def _check_fused_under_autocast(monkeypatch, device: str, dtype: torch.dtype, pa
 
     # (b) one compute dtype for every kernel call; the LayerNorm parameters and fused bias passed uncast (fp32).
     called = {name for name, _ in calls}
-    assert {"qkv_projection", attention_kernel, "linear_bias_gelu", "bias_dropout_add_layernorm",
+    qkv = "qkv_projection" if attention_kernel == "scaled_masked_softmax_dropout" else "qkv_projection_packed"
+    assert {qkv, attention_kernel, "linear_bias_gelu", "bias_dropout_add_layernorm",
             "mlm_cross_entropy"} <= called, f"kernels called: {sorted(called)}"
     for name, dtypes in calls:
         for arg in COMPUTE_ARGS[name]:

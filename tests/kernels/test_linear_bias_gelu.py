@@ -1,4 +1,5 @@
-"""linear_bias_gelu: forward and every gradient against float64, within 2× PyTorch's same-dtype error."""
+"""linear_bias_gelu: forward and every gradient against float64, within 2× PyTorch's same-dtype error, on both
+GEMM paths (Triton GEMM with the fused epilogue; cuBLAS addmm + the Triton GELU epilogue)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,19 @@ def _inputs(x_shape, n, dtype, device, seed=0):
     return [t.to(device=device, dtype=dtype) for t in (x, w, b)], dy.to(device=device, dtype=dtype)
 
 
-def _run(fn, inputs, dy, approximate):
+BACKENDS = ["triton", "cublas"]
+
+
+def _run(fn, inputs, dy, approximate, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
-    y = fn(*leaves, approximate)
+    y = fn(*leaves, approximate, **kw)
     y.backward(dy)
     return y.detach(), [t.grad for t in leaves]
 
 
-def _check(x_shape, n, dtype, device, approximate):
+def _check(x_shape, n, dtype, device, approximate, backend="triton"):
     inputs, dy = _inputs(x_shape, n, dtype, device)
-    y, grads = _run(linear_bias_gelu, inputs, dy, approximate)
+    y, grads = _run(linear_bias_gelu, inputs, dy, approximate, backend=backend)
     y_t, grads_t = _run(linear_bias_gelu_ref, inputs, dy, approximate)  # PyTorch in the same dtype
     y64, grads64 = _run(linear_bias_gelu_ref, [t.double() for t in inputs], dy.double(), approximate)
     assert y.dtype == dtype
@@ -46,38 +50,44 @@ def _check(x_shape, n, dtype, device, approximate):
 SHAPES = [((2, 37, 96), 129), ((37, 160), 1), ((3, 5, 33), 37)]  # K = 33: not a multiple of BLOCK_K
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("x_shape,n", SHAPES)
-def test_forward_backward(x_shape, n, dtype, approximate, device):
-    _check(x_shape, n, dtype, device, approximate)
+def test_forward_backward(x_shape, n, dtype, approximate, backend, device):
+    _check(x_shape, n, dtype, device, approximate, backend)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("x_shape,n", SHAPES + [((4, 128, 768), 3072), ((3, 77, 1024), 1023)])
-def test_forward_backward_gpu(x_shape, n, dtype, approximate):
-    _check(x_shape, n, dtype, "cuda", approximate)
+def test_forward_backward_gpu(x_shape, n, dtype, approximate, backend):
+    _check(x_shape, n, dtype, "cuda", approximate, backend)
 
 
-def test_no_grad_and_strided_inputs(device):
-    """Inference path (no pre-activation saved) and non-contiguous x / weight give the same result."""
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_grad_and_strided_inputs(backend, approximate, device):
+    """Inference path (no pre-activation saved; cuBLASLt's GELU epilogue for tanh on the cuBLAS path) and
+    non-contiguous x / weight give the same result."""
     (x, w, b), _ = _inputs((37, 40), 21, torch.float32, device, seed=1)
-    ref = linear_bias_gelu_ref(x.double(), w.double(), b.double())
+    ref = linear_bias_gelu_ref(x.double(), w.double(), b.double(), approximate)
     x_t = x.t().contiguous().t()  # same values, column-major
     w_t = w.t().contiguous().t()
     with torch.no_grad():
-        y = linear_bias_gelu(x_t, w_t, b)
-    assert_within_torch_error(y, ref, linear_bias_gelu_ref(x, w, b), atol=1e-5)
-    y1 = linear_bias_gelu(x[0], w, b)  # 1-D x: [K] -> [N]
+        y = linear_bias_gelu(x_t, w_t, b, approximate, backend=backend)
+    assert_within_torch_error(y, ref, linear_bias_gelu_ref(x, w, b, approximate), atol=1e-5)
+    y1 = linear_bias_gelu(x[0], w, b, approximate, backend=backend)  # 1-D x: [K] -> [N]
     assert y1.shape == (21,)
-    assert_within_torch_error(y1, ref[0], linear_bias_gelu_ref(x[0], w, b), atol=1e-5)
+    assert_within_torch_error(y1, ref[0], linear_bias_gelu_ref(x[0], w, b, approximate), atol=1e-5)
 
 
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
     (x, w, b), dy = _inputs((2, 9, 24), 19, torch.float32, device, seed=2)
-    fn = lambda x, w, b, approximate: linear_bias_gelu(x, w, b, approximate)
+    fn = lambda x, w, b, approximate: linear_bias_gelu(x, w, b, approximate, backend=backend)
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     y_c, grads_c = _run(compiled, [x, w, b], dy, "tanh")
     y_e, grads_e = _run(fn, [x, w, b], dy, "tanh")
@@ -101,6 +111,7 @@ def _bad_args():
         ((x, w, b.half()), "share one dtype"),
         ((x, w.to("meta"), b), "weight is on meta"),
         ((x, w, b, "erf"), "approximate must be one of"),
+        ((x, w, b, "none", "cutlass"), "backend must be one of"),
     ]
 
 
@@ -114,5 +125,16 @@ def test_bad_arguments(args, match):
 def test_bf16_cpu_falls_back_to_reference():
     (x, w, b), _ = _inputs((5, 24), 7, torch.bfloat16, "cpu", seed=3)
     with pytest.warns(UserWarning, match="bf16 GEMM under Triton's interpreter"):
-        y = linear_bias_gelu(x, w, b)
+        y = linear_bias_gelu(x, w, b, backend="triton")
     torch.testing.assert_close(y, linear_bias_gelu_ref(x, w, b), rtol=0, atol=0)
+
+
+def test_bf16_cpu_cublas_path_runs_the_epilogue(device):
+    """The cuBLAS path's GELU epilogue is elementwise, so bf16 runs it (in the interpreter on CPU too)."""
+    (x, w, b), dy = _inputs((2, 7, 24), 19, torch.bfloat16, device, seed=4)
+    y, grads = _run(linear_bias_gelu, [x, w, b], dy, "none", backend="cublas")
+    y_t, grads_t = _run(linear_bias_gelu_ref, [x, w, b], dy, "none")
+    y64, grads64 = _run(linear_bias_gelu_ref, [t.double() for t in (x, w, b)], dy.double(), "none")
+    assert_within_torch_error(y, y64, y_t, atol=ATOL[torch.bfloat16], name="y")
+    for name, g, g64, gt in zip(("dx", "dW", "db"), grads, grads64, grads_t, strict=True):
+        assert_within_torch_error(g, g64, gt, atol=ATOL[torch.bfloat16], name=name)
