@@ -101,9 +101,9 @@ class KernelSpec:
 
 _MASK_PTR = _if("HAS_MASK", "*u8", ACT)  # bool mask viewed as uint8, else q / scores as a dummy
 _CU_PTR = _if("VARLEN", "*i32", ACT)  # cu_seqlens, else q as a dummy
-_ATTN_INTS = ("H", "Tq", "Tk", "row_stride", "sl_b", "sl_h")  # heads; lengths vary with the batch
+_ATTN_INTS = ("H", "Tq", "Tk", "sl_b", "sl_h")  # heads; lengths vary with the batch
 # The autotuned attention kernels (each in `KERNELS`).
-ATTN_TUNED = ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
+ATTN_TUNED = ("_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
@@ -117,7 +117,7 @@ KERNELS: dict[str, KernelSpec] = {
         KernelSpec(
             "kernels.attention", "_attn_fwd_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "O": ACT, "LSE": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.attention", "_attn_bwd_delta_kernel",
@@ -125,27 +125,33 @@ KERNELS: dict[str, KernelSpec] = {
             data_dependent=("H", "Tq", "sl_b", "sl_h"),
         ),
         KernelSpec(
+            "kernels.attention", "_attn_bwd_kernel",
+            {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DK": ACT, "DV": ACT,
+             "DQ": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
+        ),
+        KernelSpec(
             "kernels.attention", "_attn_bwd_dkdv_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DK": ACT, "DV": ACT,
              "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.attention", "_attn_bwd_dq_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ACT,
              "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.softmax_dropout", "_softmax_dropout_fwd_kernel",
             {"X": ACT, "Y": ACT, "KEEP_KEY": _MASK_PTR},
-            floats=("scale_log2e", "p_drop", "inv_keep"),
+            floats=("scale_log2e", "inv_keep"),
             data_dependent=("H", "Tq", "Tk", "sx_b", "sx_h", "sx_q"),
         ),
         KernelSpec(
             "kernels.softmax_dropout", "_softmax_dropout_bwd_kernel",
             {"DY": ACT, "SRC": ACT, "DX": ACT, "KEEP_KEY": _MASK_PTR},
-            floats=("scale", "scale_log2e", "p_drop", "inv_keep"),
+            floats=("scale", "scale_log2e", "inv_keep"),
             data_dependent=("H", "Tq", "Tk", "ss_b", "ss_h", "ss_q"),
         ),
         KernelSpec(

@@ -46,6 +46,7 @@ tensor (cached by identity and version) and are skipped while torch.compile trac
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -57,7 +58,10 @@ from kernels._attention_dropout import (
     MAX_OFFSETS,
     attention_dropout_mask,
     attention_dropout_mask_varlen,
-    dropout_keep,
+    dropout_keep_tile,
+    dropout_threshold,
+    effective_dropout_p,
+    keep_scale,
 )
 from kernels._common import (
     FLOAT_DTYPES,
@@ -115,6 +119,12 @@ _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
                   (64, 64, 4, 4), (64, 128, 4, 2)],
     ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
                    (64, 64, 4, 4), (64, 32, 4, 3)],
+    ("bwd", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
+                  (128, 128, 8, 3), (128, 128, 4, 2)],
+    ("bwd", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
+                  (128, 128, 8, 3), (128, 128, 4, 2)],
+    ("bwd", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
+                   (128, 128, 8, 3), (64, 128, 8, 2)],
     ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
                    (32, 128, 8, 2), (64, 32, 4, 3)],
     ("dkdv", 64): [(64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 2), (128, 32, 8, 3), (32, 64, 4, 3),
@@ -132,6 +142,9 @@ _TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 32): [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
     ("fwd", 64): [(64, 32, 8, 3), (32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
     ("fwd", 128): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    ("bwd", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("bwd", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+    ("bwd", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     ("dkdv", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
     ("dkdv", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
     ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
@@ -153,7 +166,7 @@ def _tile(c: triton.Config) -> tuple[int, int, int, int]:
 
 
 def attn_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for `kernel` ("fwd", "dkdv", "dq") at this
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for `kernel` ("fwd", "bwd", "dkdv", "dq") at this
     dtype and BLOCK_D; the single interpreter tile under TRITON_INTERPRET=1."""
     if interpreter_on():
         return [_INTERPRETER_TILE]
@@ -216,23 +229,62 @@ def _seq_bounds(CU, b, Tq, Tk, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr):
-    ok = cols < len_k
-    if HAS_MASK:
-        ok &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=cols < len_k, other=0) != 0
-    return ok
+def _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """0 for a real key, -inf for padding or a column past the sequence: added to the base-2 logits, where it
+    fuses with the softmax scale into one FMA (no select per score element)."""
+    if BOUNDARY:
+        ok = cols < len_k
+        if HAS_MASK:
+            ok &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=cols < len_k, other=0) != 0
+    else:  # a full block: only the padding mask can remove a key
+        ok = tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols) != 0
+    return tl.where(ok, 0.0, float("-inf"))
 
 
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, start_n, len_k, Tk,
+    sk_t, sv_t, qk_scale, drop_t,
+    BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One key block of the online softmax. BOUNDARY: the last, partial block (columns past len_k masked); the
+    # full blocks before it load without bounds and, without a padding mask, add no bias at all.
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDARY:
+        n_ok = cols < len_k
+        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    s = _dot(q, kT, IEEE)  # (BLOCK_M, BLOCK_N) fp32
+    if BOUNDARY or HAS_MASK:
+        s = s * qk_scale + _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK, BOUNDARY)[None, :]
+    else:
+        s = s * qk_scale  # base-2 logits
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: avoid inf - inf
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
+    if HAS_DROPOUT:  # the 1 / keep-probability rescale is applied once, to the output
+        p = tl.where(dropout_keep_tile(seed, bh, offs_m, start_n, drop_t, BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
+
+
+# Forward FLOPs: 4·Tq·Tk·d per (sequence, head) — Q·Kᵀ and P·V, 2·Tq·Tk·d each.
 @triton.autotune(
     configs=_configs("fwd"),
     key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune("fwd")},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, p_drop, inv_keep, SEQ_BUCKET,
+    H, Tq, Tk, D, qk_scale, drop_t, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -246,7 +298,6 @@ def _attn_fwd_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
     d_ok = offs_d < D
@@ -258,28 +309,21 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < len_k
-        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
-        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, kT, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: avoid inf - inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    n_full = (len_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no bounds checks
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, start_n, len_k, Tk,
+            sk_t, sv_t, qk_scale, drop_t, False, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
+        )  # fmt: skip
+    if n_full < len_k:  # the boundary block
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, n_full, len_k, Tk,
+            sk_t, sv_t, qk_scale, drop_t, True, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
+        )  # fmt: skip
 
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc * tl.where(l_ok, 1.0 / l_safe, 0.0)[:, None]  # no real key: zeros
+    out = acc * tl.where(l_ok, inv_keep / l_safe, 0.0)[:, None]  # no real key: zeros
     lse = tl.where(l_ok, m_i + tl.log2(l_safe), 0.0)  # base 2; 0 for empty rows (their p is 0 anyway)
     o_base = O + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + q_start.to(tl.int64) * so_t
     tl.store(o_base + offs_m[:, None] * so_t + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -315,23 +359,59 @@ def _attn_bwd_delta_kernel(
     tl.store(l_base + offs_m, tl.sum(o * do, 1), mask=offs_m < len_q)
 
 
-# Backward, with P = softmax(S), Z the keep-mask, Pd = Z ∘ P / (1-p), O = Pd·V:
-#   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / (1-p)      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
+# Backward, with P = softmax(S), Z the keep-mask, q the keep probability, Pd = Z ∘ P / q, O = Pd·V:
+#   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / q      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
 #   dQ = scale · dS·K      dK = scale · dSᵀ·Q
-# P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp.
-@triton.autotune(
-    configs=_configs("dkdv"),
-    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune("dkdv")},
-)
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
+# P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp. Rows past the sequence load
+# lse = +inf, so their P is exactly 0 without a select; padded keys get a -inf logit bias (one FMA).
+#
+# The default backward (`_attn_bwd_kernel`, FlashAttention-2's scheme): one program per key block, a loop over
+# the query blocks; per (query block, key block) pair S, P and the dropout bits once and 5 products —
+# S = K·Qᵀ, dP = V·dOᵀ, dV += Pdᵀ·dO, dK += dSᵀ·Q, dQ += dS·K — with dK, dV in registers and dQ added into an
+# fp32 buffer with atomics: 10·Tq·Tk·d FLOPs per (sequence, head). Atomic adds make the order of the dQ sums,
+# hence its last bits, vary from run to run.
+# The deterministic backward (`deterministic=True`): a dK/dV kernel (per key block, looping over query blocks:
+# S, dP, dV, dK) and a dQ kernel (per query block, looping over key blocks: S, dP, dQ) — no atomics, bitwise
+# repeatable, but S, P, dP and the dropout bits are computed twice: 7 products, 14·Tq·Tk·d FLOPs.
+@triton.jit
+def _bwd_kv_step(
+    dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m, start_n,
+    offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
+    HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = start_m + offs_m
+    m_ok = rows < len_q
+    qd_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    lse = tl.load(LSE + l_base + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
+    sT = _dot(k, tl.trans(q), IEEE) * qk_scale + kbias[:, None]  # (BLOCK_N, BLOCK_M) base-2 logits
+    pT = tl.exp2(sT - lse[None, :])
+    dpT = _dot(v, tl.trans(do), IEEE)
+    if HAS_DROPOUT:
+        keepT = tl.trans(dropout_keep_tile(seed, bh, rows, start_n, drop_t, BLOCK_N))
+        pdT = tl.where(keepT, pT, 0.0)  # times 1/q: applied to dV once, after the loop
+        dsT = pT * (tl.where(keepT, dpT, 0.0) * inv_keep - delta[None, :])
+    else:
+        pdT = pT
+        dsT = pT * (dpT - delta[None, :])
+    dv += _dot(pdT.to(do.dtype), do, IEEE)
+    dk += _dot(dsT.to(q.dtype), q, IEEE)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE)  # (BLOCK_M, BLOCK_D), softmax scale applied on the host
+        tl.atomic_add(dq_base + rows[:, None] * sdq_t + offs_d[None, :], dq, mask=qd_ok, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_program(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
-    sdk_b, sdk_t, sdk_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (sequence, head); loops over all query blocks. Works transposed
     # ([BLOCK_N, BLOCK_M] tiles) so dK and dV accumulate without transposing the products.
@@ -342,12 +422,13 @@ def _attn_bwd_dkdv_kernel(
     q_start, k_start, len_q, len_k = _seq_bounds(CU, b, Tq, Tk, VARLEN)
     if pid_n * BLOCK_N >= len_k:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < len_k
     d_ok = offs_d < D
-    key_ok = _key_ok(KEEP_KEY, b, offs_n, len_k, Tk, HAS_MASK)
+    kbias = _key_bias(KEEP_KEY, b, offs_n, len_k, Tk, HAS_MASK, True)  # once per program, not per block pair
     kd_ok = n_ok[:, None] & d_ok[None, :]
     k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
     v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
@@ -355,37 +436,72 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
     q_base = Q + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + q_start.to(tl.int64) * sq_t
     do_base = DO + b.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + q_start.to(tl.int64) * sdo_t
+    dq_base = DQ + b.to(tl.int64) * sdq_b + head.to(tl.int64) * sdq_h + q_start.to(tl.int64) * sdq_t
     l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, len_q, BLOCK_M):
-        rows = start_m + offs_m
-        m_ok = rows < len_q
-        qd_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
-        lse = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-        sT = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
-        sT = tl.where(key_ok[:, None] & m_ok[None, :], sT, float("-inf"))
-        pT = tl.exp2(sT - lse[None, :])
-        dpT = _dot(v, tl.trans(do), IEEE)
-        if HAS_DROPOUT:
-            keepT = dropout_keep(seed, bh, rows[None, :] * row_stride + offs_n[:, None], p_drop)
-            pdT = tl.where(keepT, pT * inv_keep, 0.0)
-            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        else:
-            pdT = pT
-        dv += _dot(pdT.to(do.dtype), do, IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, IEEE)
+        dk, dv = _bwd_kv_step(
+            dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m,
+            start_n, offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
+            HAS_DROPOUT, IEEE, ATOMIC_DQ, BLOCK_N,
+        )  # fmt: skip
 
     dk_base = DK + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
     dv_base = DV + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
     out_offs = offs_n[:, None] * sdk_t + offs_d[None, :]
     tl.store(dk_base + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(dv_base + out_offs, dv.to(DV.dtype.element_ty), mask=kd_ok)
+    tl.store(dv_base + out_offs, (dv * inv_keep).to(DV.dtype.element_ty), mask=kd_ok)
+
+
+@triton.autotune(
+    configs=_configs("bwd"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("bwd")},
+    reset_to_zero=["DQ"],  # dQ is accumulated with atomics: every autotune trial starts from zeros
+)
+@triton.jit(do_not_specialize=["seed", "drop_t"])
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # dK, dV of BLOCK_N keys, and their share of dQ added into the fp32 buffer DQ (zeroed by the launcher).
+    _bwd_kv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+        sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+        H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, True, BLOCK_D, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.autotune(
+    configs=_configs("dkdv"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("dkdv")},
+)
+@triton.jit(do_not_specialize=["seed", "drop_t"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Deterministic backward, pass 1: dK and dV only (4 products per block pair, no atomics).
+    _bwd_kv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, Q, KEEP_KEY, CU, seed,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+        sdk_b, sdk_t, sdk_h, 0, 0, 0, sl_b, sl_h,
+        H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, False, BLOCK_D, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
 
 
 @triton.autotune(
@@ -393,16 +509,17 @@ def _attn_bwd_dkdv_kernel(
     key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune("dq")},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sdq_b, sdq_t, sdq_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # One program: BLOCK_M queries of one (sequence, head); loops over all key blocks.
+    # Deterministic backward, pass 2: one program per BLOCK_M queries, looping over all key blocks
+    # (3 products per block pair: S, dP and dQ).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -421,7 +538,7 @@ def _attn_bwd_dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
     l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
-    lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
     v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
@@ -430,17 +547,16 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, len_k, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
-        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
         kd_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :], mask=kd_ok, other=0.0)
         v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        kbias = _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK, True)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale + kbias[None, :]  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            keep = dropout_keep_tile(seed, bh, offs_m, start_n, drop_t, BLOCK_N)
+            dp = tl.where(keep, dp, 0.0) * inv_keep
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
 
@@ -485,7 +601,7 @@ def _flash_attn_fwd(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens is not None
-    B, H, Tq, Tk, row_stride, lse_shape, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    B, H, Tq, Tk, _, lse_shape, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -499,9 +615,9 @@ def _flash_attn_fwd(
         seed_value(seed),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         sl_b, sl_h,
-        H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, Tq, Tk, D, softmax_scale * LOG2E, dropout_threshold(dropout_p), keep_scale(dropout_p),
         _seq_bucket(max(Tq, Tk)),
-        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         IEEE=q.dtype == torch.float32,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
     )  # fmt: skip
@@ -529,17 +645,17 @@ def _flash_attn_bwd(
     dropout_p: float,
     softmax_scale: float,
     seed: torch.Tensor,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens is not None
-    B, H, Tq, Tk, row_stride, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    B, H, Tq, Tk, _, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     if do.stride(-1) != 1:
         do = do.contiguous()
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if dq.numel() == 0 or dk.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
+    if q.numel() == 0 or dk.numel() == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk.zero_(), dv.zero_()
     block_d = max(16, triton.next_power_of_2(D))
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(Tq, 64), B * H)](
@@ -549,15 +665,26 @@ def _flash_attn_bwd(
         VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
     )  # fmt: skip
     common = dict(
-        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         IEEE=q.dtype == torch.float32, BLOCK_D=block_d,
     )  # fmt: skip
-    scalars = (H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, softmax_scale, dropout_p,
-               1.0 / (1.0 - dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
+    scalars = (H, Tq, Tk, D, softmax_scale * LOG2E, softmax_scale, dropout_threshold(dropout_p),
+               keep_scale(dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
     mask_arg = keep_key.view(torch.uint8) if keep_key is not None else q
     cu_arg = cu_seqlens if varlen else q
     in_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
-    _attn_bwd_dkdv_kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)](
+    kv_grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)
+    if not deterministic:
+        # One pass, 5 products per block pair; dQ accumulates in fp32 (zeros: the kernel adds into it).
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _attn_bwd_kernel[kv_grid](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, mask_arg, cu_arg, seed_value(seed),
+            *in_strides, *_strides3(dk, varlen), *_strides3(dq_acc, varlen), sl_b, sl_h, *scalars, **common,
+        )  # fmt: skip
+        dq = dq_acc.mul_(softmax_scale)
+        return (dq if q.dtype == torch.float32 else dq.to(q.dtype)), dk, dv
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    _attn_bwd_dkdv_kernel[kv_grid](
         q, k, v, do, lse, delta, dk, dv, mask_arg, cu_arg, seed_value(seed),
         *in_strides, *_strides3(dk, varlen), sl_b, sl_h, *scalars, **common,
     )  # fmt: skip
@@ -569,7 +696,7 @@ def _flash_attn_bwd(
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
     return (
         torch.empty(q.shape, dtype=q.dtype, device=q.device),
         torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -579,19 +706,21 @@ def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softma
 
 class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    def forward(ctx, q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
         out, lse = _flash_attn_fwd(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, keep_key, cu_seqlens, seed)
         ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, keep_key, cu_seqlens, seed = ctx.saved_tensors
         dq, dk, dv = _flash_attn_bwd(
-            do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
+            do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed,
+            ctx.deterministic,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -630,7 +759,20 @@ def _check_scale(softmax_scale: object, d: int) -> float:
 
 def _check_offsets(Tq: int, row_stride: int, dropout_p: float) -> None:
     if dropout_p > 0.0 and Tq * row_stride > MAX_OFFSETS:
-        raise ValueError(f"sequence too long for dropout: Tq·Tk = {Tq * row_stride} overflows the int32 Philox offsets")
+        raise ValueError(f"sequence too long for dropout: Tq·Tk = {Tq * row_stride} is over the limit 2**31 - 1")
+
+
+# FASTBERT_DETERMINISTIC_ATTENTION=1 (read once, at import: a training script sets it before importing)
+# makes deterministic=None mean True.
+_DETERMINISTIC_ENV = os.environ.get("FASTBERT_DETERMINISTIC_ATTENTION", "0") == "1"
+
+
+def _check_deterministic(deterministic: object) -> bool:
+    if deterministic is None:
+        return _DETERMINISTIC_ENV or torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool or None, got {deterministic!r}")
+    return deterministic
 
 
 # cu_seqlens tensors whose values were already checked, with the (version, total, max_seqlen) checked:
@@ -696,11 +838,17 @@ def fused_attention(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale, padded keys removed) with dropout, ·V. q [B, Tq, h, d], k/v [B, Tk, h, d].
 
-    key_padding_mask: bool [B, Tk] (True = real token), additive float [B, 1, 1, Tk], or None.
-    softmax_scale defaults to 1/√d. seed: int in [0, 2**31) or None (drawn from torch's generator).
+    key_padding_mask: bool [B, Tk] (True = real token), additive float [B, 1, 1, Tk] (0 = real token,
+    very negative = padding), or None. softmax_scale defaults to 1/√d. seed: int in [0, 2**31) or None
+    (drawn from torch's generator). dropout_p is applied as t / 65536, t = round(65536·p), and kept entries
+    are scaled by the exact 1 / keep-probability (`kernels._attention_dropout`). deterministic: True runs the
+    two-pass backward without atomics (bitwise repeatable dQ, 7 products per block pair instead of 5); None
+    means True when `torch.use_deterministic_algorithms(True)` is on or FASTBERT_DETERMINISTIC_ATTENTION=1 was
+    set when kernels.attention was imported, else False.
     Returns a contiguous [B, Tq, h, d] tensor in q's dtype; differentiable in q, k, v.
     """
     _check_qkv(q, k, v, ndim=4)
@@ -710,9 +858,10 @@ def fused_attention(
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(Tq, Tk, dropout_p)
+    deterministic = _check_deterministic(deterministic)
     seed_t = draw_seed(seed)
     if _run_kernel(q, k, v):
-        return FlashAttnFunction.apply(q, k, v, keep_key, None, 0, dropout_p, scale, seed_t)
+        return FlashAttnFunction.apply(q, k, v, keep_key, None, 0, dropout_p, scale, seed_t, deterministic)
     dropout_mask = attention_dropout_mask(seed_t, B, H, Tq, Tk, dropout_p, q.device) if dropout_p else None
     return attention_ref(q, k, v, keep_key, dropout_p, scale, dropout_mask=dropout_mask, upcast=True)
 
@@ -726,10 +875,12 @@ def fused_attention_varlen(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """`fused_attention` on packed real tokens: q, k, v [total_tokens, h, d], sequence b is tokens
-    cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length (T of the padded batch to
-    reproduce its dropout). No work is done on padding. Returns a contiguous [total_tokens, h, d] tensor.
+    cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length. No work is done on padding.
+    Drops the same entries as the padded call of the same batch and seed. Returns a contiguous
+    [total_tokens, h, d] tensor.
     """
     _check_qkv(q, k, v, ndim=3)
     total, H, d = q.shape
@@ -737,9 +888,10 @@ def fused_attention_varlen(
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(max_seqlen, max_seqlen, dropout_p)
+    deterministic = _check_deterministic(deterministic)
     seed_t = draw_seed(seed)
     if _run_kernel(q, k, v, cu_seqlens):
-        return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t)
+        return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, deterministic)
     dropout_mask = attention_dropout_mask_varlen(seed_t, cu_seqlens, H, max_seqlen, dropout_p) if dropout_p else None
     return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask, upcast=True)
 
@@ -779,8 +931,8 @@ def attention_ref(
         p = p.masked_fill(~keep_key.any(dim=-1)[:, None, None, None], 0.0)  # no real key: zeros, not NaN
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
-        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+            dropout_mask = torch.rand(p.shape, device=p.device) >= effective_dropout_p(dropout_p)
+        p = p.masked_fill(~dropout_mask, 0.0) * keep_scale(dropout_p)  # 1 / the exact keep probability
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, h, d)
     return out.to(dtype)
 
