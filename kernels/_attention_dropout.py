@@ -4,12 +4,20 @@ Nothing is stored: the kernels regenerate the mask in backward from (seed, posit
 `attention_dropout_mask` rebuilds the very same mask in plain PyTorch (`kernels._philox`), so references and
 the PyTorch fallback path drop exactly what the kernels drop.
 
-The scheme (one Philox call feeds 8 score elements, all four of its 32-bit output words used):
+The scheme (one Philox call feeds 8 score elements, all four of its 32-bit output words used): with i the
+query row and j the key column, both counted from the sequence's first token,
 
-    philox key      = (seed, b·h + head)           # seed < 2**31 in the low word, b·h+head in the high word
-    philox counter  = (j // 8, i, 0, 0)             # i query row, j key column, both counted in the sequence
-    4 output words  → 8 16-bit draws; lane l = j % 8 reads (word l // 2 >> 16·(l % 2)) & 0xFFFF
+    philox key      = (seed, b·h + head)                       # seed < 2**31 low word, b·h+head high word
+    philox counter  = (j // 4, 8·(i // 16) + i % 8, 0, 0)      # rows i and i + 8 share a call
+    draw(i, j)      = (word[j % 4] >> 16·((i // 8) % 2)) & 0xFFFF
     keep(b, head, i, j)  <=>  draw ≥ t,   t = round(65536 · dropout_p)  (≤ 65535)
+
+so a call covers rows {i, i + 8} × 4 consecutive columns, and each 32-bit word the pair (i, j), (i + 8, j).
+Why that grouping: on Hopper a thread of a wgmma accumulator holds rows r and r + 8 of a 16-row slab (and pairs
+of adjacent columns), in the forward's S [queries, keys] as in the backward's Sᵀ [keys, queries]; a word
+{(i, j), (i + 8, j)} therefore belongs to one thread in both orientations, and moving the words from the layout
+that computes them to the accumulator layout costs one word per two elements in both loops. (A grouping along
+one axis only, e.g. 8 adjacent columns of a row, is cheap in the forward and twice as dear in the backward.)
 
 with Philox-4x32 at 7 rounds. Why these choices:
 - several elements per call: a score element is worth ≈ 10 lane-instructions of issue budget at d = 64 on an
@@ -25,7 +33,7 @@ with Philox-4x32 at 7 rounds. Why these choices:
 - quantised thresholds, unbiased: the keep probability is exactly q = (65536 - t) / 65536 (within 2**-17 of
   1 - p: for p = 0.1, t = 6554 and q = 0.899993896...). Kept entries are scaled by 1 / q (`keep_scale(p)`), so
   E[keep / q] = 1 exactly; every reference path uses the same factor. `effective_dropout_p(p)` = t / 65536.
-- the counter is (column group, row) of one attention matrix, independent of tiles, layouts and strides: a
+- the counter is a function of (i, j) in one attention matrix, independent of tiles, layouts and strides: a
   padded call and a varlen call of the same batch and seed drop the same (b, head, i, j) entries, every tile
   config gives the same mask, and the softmax kernel (whole rows) draws the same bits as the flash kernels.
   (The launchers still refuse Tq·row_stride ≥ 2**31, the limit of the earlier 32-bit-offset scheme, so that
@@ -65,24 +73,55 @@ def keep_scale(dropout_p: float) -> float:
 
 
 @triton.jit
-def dropout_keep_tile(seed, bh, rows, col_start, threshold, BLOCK_N: tl.constexpr):
-    """Keep-mask (True = kept) [rows.shape[0], BLOCK_N] of attention matrix bh = b·h + head, for query rows
-    `rows` (int32 [BLOCK_M], counted in the sequence) and key columns col_start .. col_start + BLOCK_N - 1
-    (col_start a multiple of 8), threshold t (int32, `dropout_threshold`). One 7-round Philox call per row
-    and 8 columns."""
-    BLOCK_M: tl.constexpr = rows.shape[0]
-    GROUPS: tl.constexpr = BLOCK_N // DROPOUT_LANES
+def _draw_groups(seed, bh, row_start, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep bits of rows row_start + [0, BLOCK_M) (row_start, BLOCK_M multiples of 16) and columns
+    col_start + [0, BLOCK_N) (multiples of 4), as [BLOCK_M // 16, 8, BLOCK_N // 4, 4, 2] = [I, r, J, w, h]:
+    row 16·I + 8·h + r, column 4·J + w. One 7-round Philox call per (I, r, J)."""
+    ROW_BLOCKS: tl.constexpr = BLOCK_M // 16
+    COL_GROUPS: tl.constexpr = BLOCK_N // 4
     key = bh.to(tl.int64) * 4294967296 + seed  # high word: (batch, head); low word: the user seed
-    group = col_start // DROPOUT_LANES + tl.arange(0, GROUPS)
-    c0 = tl.broadcast_to(group[None, :], [BLOCK_M, GROUPS])
-    c1 = tl.broadcast_to(rows[:, None], [BLOCK_M, GROUPS])
+    pair = (row_start // 16 + tl.arange(0, ROW_BLOCKS))[:, None, None] * 8 + tl.arange(0, 8)[None, :, None]
+    group = (col_start // 4 + tl.arange(0, COL_GROUPS))[None, None, :]
+    c0 = tl.broadcast_to(group, [ROW_BLOCKS, 8, COL_GROUPS])
+    c1 = tl.broadcast_to(pair, [ROW_BLOCKS, 8, COL_GROUPS])
     w0, w1, w2, w3 = tl.philox(key, c0, c1, 0, 0, DROPOUT_ROUNDS)
     # join adds a minor axis: join(join(w0, w2), join(w1, w3))[.., y, x] = word 2·y + x
-    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [BLOCK_M, GROUPS, 4])  # [.., w]: word w
+    words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROW_BLOCKS, 8, COL_GROUPS, 4])
     shifts = (tl.arange(0, 2) * 16).to(tl.uint32)
-    draws = (words[:, :, :, None] >> shifts[None, None, None, :]) & 0xFFFF  # [.., w, h]: lane 2·w + h
-    keep = draws >= threshold.to(tl.uint32)
-    return tl.reshape(keep, [BLOCK_M, BLOCK_N])
+    draws = (words[:, :, :, :, None] >> shifts[None, None, None, None, :]) & 0xFFFF
+    return draws >= threshold.to(tl.uint32)
+
+
+@triton.jit
+def dropout_keep_tile(seed, bh, row_start, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-mask (True = kept) [BLOCK_M, BLOCK_N] of attention matrix bh = b·h + head for query rows
+    row_start + [0, BLOCK_M) and key columns col_start + [0, BLOCK_N), counted in the sequence; row_start and
+    BLOCK_M multiples of 16, col_start and BLOCK_N multiples of 4; threshold t (`dropout_threshold`)."""
+    keep = _draw_groups(seed, bh, row_start, col_start, threshold, BLOCK_M, BLOCK_N)  # [I, r, J, w, h]
+    return tl.reshape(tl.permute(keep, (0, 4, 1, 2, 3)), [BLOCK_M, BLOCK_N])  # [I, h, r | J, w]
+
+
+@triton.jit
+def dropout_keep_tile_t(seed, bh, row_start, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The transpose of `dropout_keep_tile`, [BLOCK_N keys, BLOCK_M queries], drawn in that orientation."""
+    keep = _draw_groups(seed, bh, row_start, col_start, threshold, BLOCK_M, BLOCK_N)  # [I, r, J, w, h]
+    return tl.reshape(tl.permute(keep, (2, 3, 0, 4, 1)), [BLOCK_N, BLOCK_M])  # [J, w | I, h, r]
+
+
+@triton.jit
+def dropout_keep(seed, bh, rows, cols, threshold):
+    """`dropout_keep_tile` for any rows / columns (int32 [R], [C]) → [R, C]: one Philox call per element
+    (the materialised softmax kernel, whose row blocks may be smaller than 16)."""
+    i = rows[:, None]
+    j = cols[None, :]
+    key = bh.to(tl.int64) * 4294967296 + seed
+    c0 = tl.broadcast_to(j // 4, [rows.shape[0], cols.shape[0]])
+    c1 = tl.broadcast_to((i // 16) * 8 + i % 8, [rows.shape[0], cols.shape[0]])
+    w0, w1, w2, w3 = tl.philox(key, c0, c1, 0, 0, DROPOUT_ROUNDS)
+    w = j % 4
+    word = tl.where(w == 0, w0, tl.where(w == 1, w1, tl.where(w == 2, w2, w3)))
+    draw = (word >> (((i // 8) % 2) * 16).to(tl.uint32)) & 0xFFFF
+    return draw >= threshold.to(tl.uint32)
 
 
 def attention_dropout_mask(
@@ -128,14 +167,13 @@ def _keep_mask(seed: torch.Tensor, B: int, h: int, Tq: int, Tk: int, dropout_p: 
     t = dropout_threshold(dropout_p)
     if t == 0:
         return torch.ones(B, h, Tq, Tk, dtype=torch.bool, device=device)
-    lanes = DROPOUT_LANES.value
-    groups = -(-Tk // lanes)
-    bh = torch.arange(B * h, device=device, dtype=torch.int64).view(B * h, 1, 1)
-    rows = torch.arange(Tq, device=device, dtype=torch.int64).view(1, Tq, 1)
-    group = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, groups)
+    blocks, groups = -(-Tq // 16), -(-Tk // 4)
+    bh = torch.arange(B * h, device=device, dtype=torch.int64).view(B * h, 1, 1, 1)
+    pair = torch.arange(blocks * 8, device=device, dtype=torch.int64).view(1, blocks, 8, 1)  # 8·I + r
+    group = torch.arange(groups, device=device, dtype=torch.int64).view(1, 1, 1, groups)  # J
     key = bh * 2**32 + seed.reshape(()).to(device)  # the kernel's `key`: (seed, b·h + head)
-    words = torch.stack(philox4x32(key, group, rows, 0, 0, DROPOUT_ROUNDS.value), dim=-1)  # (B·h, Tq, groups, 4)
+    words = torch.stack(philox4x32(key, group, pair, 0, 0, DROPOUT_ROUNDS.value), dim=-1)  # (B·h, I, r, J, w)
     shifts = torch.arange(2, device=device, dtype=torch.int64) * 16
-    draws = (words[..., None] >> shifts) & 0xFFFF  # (B·h, Tq, groups, 4 words, 2 halves): lane 2·w + h
-    keep = (draws >= t).reshape(B * h, Tq, groups * lanes)[..., :Tk]
-    return keep.reshape(B, h, Tq, Tk)
+    keep = ((words[..., None] >> shifts) & 0xFFFF) >= t  # (B·h, I, r, J, w, h)
+    keep = keep.permute(0, 1, 5, 2, 3, 4).reshape(B * h, blocks * 16, groups * 4)  # rows 16·I + 8·h + r, cols 4·J + w
+    return keep[:, :Tq, :Tk].reshape(B, h, Tq, Tk)

@@ -59,6 +59,7 @@ from kernels._attention_dropout import (
     attention_dropout_mask,
     attention_dropout_mask_varlen,
     dropout_keep_tile,
+    dropout_keep_tile_t,
     dropout_threshold,
     effective_dropout_p,
     keep_scale,
@@ -243,7 +244,7 @@ def _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr, BOUNDARY: tl
 
 @triton.jit
 def _fwd_block(
-    acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, start_n, len_k, Tk,
+    acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, row_start, offs_d, d_ok, start_n, len_k, Tk,
     sk_t, sv_t, qk_scale, drop_t,
     BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -269,7 +270,7 @@ def _fwd_block(
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
     if HAS_DROPOUT:  # the 1 / keep-probability rescale is applied once, to the output
-        p = tl.where(dropout_keep_tile(seed, bh, offs_m, start_n, drop_t, BLOCK_N), p, 0.0)
+        p = tl.where(dropout_keep_tile(seed, bh, row_start, start_n, drop_t, q.shape[0], BLOCK_N), p, 0.0)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
     return acc, l_i, m_new
 
@@ -312,12 +313,12 @@ def _attn_fwd_kernel(
     n_full = (len_k // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no bounds checks
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, start_n, len_k, Tk,
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, pid_m * BLOCK_M, offs_d, d_ok, start_n, len_k, Tk,
             sk_t, sv_t, qk_scale, drop_t, False, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
         )  # fmt: skip
     if n_full < len_k:  # the boundary block
         acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, offs_m, offs_d, d_ok, n_full, len_k, Tk,
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, pid_m * BLOCK_M, offs_d, d_ok, n_full, len_k, Tk,
             sk_t, sv_t, qk_scale, drop_t, True, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
         )  # fmt: skip
 
@@ -390,7 +391,7 @@ def _bwd_kv_step(
     pT = tl.exp2(sT - lse[None, :])
     dpT = _dot(v, tl.trans(do), IEEE)
     if HAS_DROPOUT:
-        keepT = tl.trans(dropout_keep_tile(seed, bh, rows, start_n, drop_t, BLOCK_N))
+        keepT = dropout_keep_tile_t(seed, bh, start_m, start_n, drop_t, offs_m.shape[0], BLOCK_N)  # (BLOCK_N, BLOCK_M)
         pdT = tl.where(keepT, pT, 0.0)  # times 1/q: applied to dV once, after the loop
         dsT = pT * (tl.where(keepT, dpT, 0.0) * inv_keep - delta[None, :])
     else:
@@ -555,7 +556,7 @@ def _attn_bwd_dq_kernel(
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
-            keep = dropout_keep_tile(seed, bh, offs_m, start_n, drop_t, BLOCK_N)
+            keep = dropout_keep_tile(seed, bh, pid_m * BLOCK_M, start_n, drop_t, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp, 0.0) * inv_keep
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)

@@ -33,7 +33,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from kernels._attention_dropout import (
     MAX_OFFSETS,
     attention_dropout_mask,
-    dropout_keep_tile,
+    dropout_keep,
     dropout_threshold,
     effective_dropout_p,
     keep_scale,
@@ -102,7 +102,7 @@ def _softmax_dropout_fwd_kernel(
         keep_key &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=col_ok, other=0) != 0
     p = _masked_row_probs(x.to(tl.float32), keep_key[None, :], scale_log2e)
     if HAS_DROPOUT:
-        keep = dropout_keep_tile(seed, bh, rows, 0, drop_t, BLOCK_N)
+        keep = dropout_keep(seed, bh, rows, cols, drop_t)
         p = tl.where(keep, p * inv_keep, 0.0)
     y_base = Y + bh.to(tl.int64) * Tq * Tk
     tl.store(y_base + rows[:, None].to(tl.int64) * Tk + cols[None, :], p.to(Y.dtype.element_ty), mask=ok)
@@ -141,7 +141,7 @@ def _softmax_dropout_bwd_kernel(
     row_off = bh.to(tl.int64) * Tq * Tk + rows[:, None].to(tl.int64) * Tk + cols[None, :]
     dp = tl.load(DY + row_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep_tile(seed, bh, rows, 0, drop_t, BLOCK_N)
+        keep = dropout_keep(seed, bh, rows, cols, drop_t)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     delta = tl.sum(dp * p, 1)
     ds = p * (dp - delta[:, None]) * scale
