@@ -47,7 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import draw_seed
+from kernels._common import draw_seed, interpreter_on
 from kernels._philox import philox4x32
 
 # Largest Tq · row_stride the launchers accept with dropout (kept from the earlier 32-bit-offset scheme).
@@ -72,6 +72,60 @@ def keep_scale(dropout_p: float) -> float:
     return _LEVELS / (_LEVELS - dropout_threshold(dropout_p))
 
 
+# Philox-4x32 constants (as Triton's `philox_impl`). Compiled, each round's two 32x32 -> 64-bit products are one
+# `mul.wide.u32` each (one IMAD.WIDE.U32 on sm_90: high and low word together; `tl.philox` spends an IMAD.HI and
+# an IMAD on each); under the interpreter (no inline PTX) the same products come from umulhi and a wrapping mul.
+_ROUND_A = tl.constexpr(0xD2511F53)
+_ROUND_B = tl.constexpr(0xCD9E8D57)
+_KEY_A = tl.constexpr(0x9E3779B9)
+_KEY_B = tl.constexpr(0xBB67AE85)
+_INLINE_PTX = tl.constexpr(not interpreter_on())
+
+
+@triton.jit
+def _mul_wide_a(x):
+    """(high, low) words of _ROUND_A · x for a uint32 tensor x."""
+    if _INLINE_PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, 0xD2511F53; mov.b64 {$1, $0}, t; }",
+            "=r,=r,r", [x], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return tl.umulhi(x, _ROUND_A), x * _ROUND_A
+
+
+@triton.jit
+def _mul_wide_b(x):
+    """(high, low) words of _ROUND_B · x for a uint32 tensor x."""
+    if _INLINE_PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 t; mul.wide.u32 t, $2, 0xCD9E8D57; mov.b64 {$1, $0}, t; }",
+            "=r,=r,r", [x], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return tl.umulhi(x, _ROUND_B), x * _ROUND_B
+
+
+@triton.jit
+def philox_4x32_7(seed, bh, c0, c1):
+    """`tl.philox(bh·2**32 + seed, c0, c1, 0, 0, 7)`: the four uint32 words for key (seed, bh) and counter
+    (c0, c1, 0, 0) (uint32 tensors); the first round is specialised for c2 = c3 = 0."""
+    k0 = seed.to(tl.uint32)
+    k1 = bh.to(tl.uint32)
+    hi_a, lo_a = _mul_wide_a(c0)
+    x0 = c1 ^ k0  # hi(B·0) ^ c1 ^ k0
+    x1 = tl.zeros_like(c0)  # lo(B·0)
+    x2 = hi_a ^ k1  # hi(A·c0) ^ 0 ^ k1
+    x3 = lo_a
+    for _ in tl.static_range(DROPOUT_ROUNDS - 1):
+        k0 = k0 + _KEY_A
+        k1 = k1 + _KEY_B
+        hi_b, lo_b = _mul_wide_b(x2)
+        hi_a, lo_a = _mul_wide_a(x0)
+        x0, x1, x2, x3 = hi_b ^ x1 ^ k0, lo_b, hi_a ^ x3 ^ k1, lo_a
+    return x0, x1, x2, x3
+
+
 @triton.jit
 def _draw_groups(seed, bh, row_start, col_start, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep bits of rows row_start + [0, BLOCK_M) (row_start, BLOCK_M multiples of 16) and columns
@@ -79,17 +133,17 @@ def _draw_groups(seed, bh, row_start, col_start, threshold, BLOCK_M: tl.constexp
     row 16·I + 8·h + r, column 4·J + w. One 7-round Philox call per (I, r, J)."""
     ROW_BLOCKS: tl.constexpr = BLOCK_M // 16
     COL_GROUPS: tl.constexpr = BLOCK_N // 4
-    key = bh.to(tl.int64) * 4294967296 + seed  # high word: (batch, head); low word: the user seed
     pair = (row_start // 16 + tl.arange(0, ROW_BLOCKS))[:, None, None] * 8 + tl.arange(0, 8)[None, :, None]
     group = (col_start // 4 + tl.arange(0, COL_GROUPS))[None, None, :]
-    c0 = tl.broadcast_to(group, [ROW_BLOCKS, 8, COL_GROUPS])
-    c1 = tl.broadcast_to(pair, [ROW_BLOCKS, 8, COL_GROUPS])
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, 0, 0, DROPOUT_ROUNDS)
+    c0 = tl.broadcast_to(group, [ROW_BLOCKS, 8, COL_GROUPS]).to(tl.uint32)
+    c1 = tl.broadcast_to(pair, [ROW_BLOCKS, 8, COL_GROUPS]).to(tl.uint32)
+    w0, w1, w2, w3 = philox_4x32_7(seed, bh, c0, c1)
     # join adds a minor axis: join(join(w0, w2), join(w1, w3))[.., y, x] = word 2·y + x
     words = tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [ROW_BLOCKS, 8, COL_GROUPS, 4])
-    shifts = (tl.arange(0, 2) * 16).to(tl.uint32)
-    draws = (words[:, :, :, :, None] >> shifts[None, None, None, None, :]) & 0xFFFF
-    return draws >= threshold.to(tl.uint32)
+    # draw h of a word is its 16-bit half h, compared in place: half h >= t  <=>  (word << 16·(1-h)) >= t << 16.
+    # tl.join (not a broadcast over a new axis) keeps both halves in the thread that holds the word.
+    t_hi = threshold.to(tl.uint32) << 16
+    return tl.join((words << 16) >= t_hi, words >= t_hi)  # [I, r, J, w, h]
 
 
 @triton.jit
@@ -114,10 +168,9 @@ def dropout_keep(seed, bh, rows, cols, threshold):
     (the materialised softmax kernel, whose row blocks may be smaller than 16)."""
     i = rows[:, None]
     j = cols[None, :]
-    key = bh.to(tl.int64) * 4294967296 + seed
-    c0 = tl.broadcast_to(j // 4, [rows.shape[0], cols.shape[0]])
-    c1 = tl.broadcast_to((i // 16) * 8 + i % 8, [rows.shape[0], cols.shape[0]])
-    w0, w1, w2, w3 = tl.philox(key, c0, c1, 0, 0, DROPOUT_ROUNDS)
+    c0 = tl.broadcast_to(j // 4, [rows.shape[0], cols.shape[0]]).to(tl.uint32)
+    c1 = tl.broadcast_to((i // 16) * 8 + i % 8, [rows.shape[0], cols.shape[0]]).to(tl.uint32)
+    w0, w1, w2, w3 = philox_4x32_7(seed, bh, c0, c1)
     w = j % 4
     word = tl.where(w == 0, w0, tl.where(w == 1, w1, tl.where(w == 2, w2, w3)))
     draw = (word >> (((i // 8) % 2) * 16).to(tl.uint32)) & 0xFFFF

@@ -385,15 +385,21 @@ def _bwd_kv_step(
     qd_ok = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
     do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    # The keep-scale 1/q rides in the exponent: pT_s = P / q = exp2(S - lse + log2(1/q)) (a per-row shift), so
+    #   Pd = Z ∘ pT_s,   dS = P ∘ (Z ∘ dP_raw / q - delta) = Pd ∘ dP_raw - pT_s ∘ (q · delta)
+    # with dP_raw = dO·Vᵀ: dropout costs one select per element (no rescale of dP, none of dV after the loop).
     lse = tl.load(LSE + l_base + rows, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
+    if HAS_DROPOUT:
+        lse -= tl.log2(inv_keep)
+        delta /= inv_keep
     sT = _dot(k, tl.trans(q), IEEE) * qk_scale + kbias[:, None]  # (BLOCK_N, BLOCK_M) base-2 logits
-    pT = tl.exp2(sT - lse[None, :])
-    dpT = _dot(v, tl.trans(do), IEEE)
+    pT = tl.exp2(sT - lse[None, :])  # P / q
+    dpT = _dot(v, tl.trans(do), IEEE)  # dP before dropout
     if HAS_DROPOUT:
         keepT = dropout_keep_tile_t(seed, bh, start_m, start_n, drop_t, offs_m.shape[0], BLOCK_N)  # (BLOCK_N, BLOCK_M)
-        pdT = tl.where(keepT, pT, 0.0)  # times 1/q: applied to dV once, after the loop
-        dsT = pT * (tl.where(keepT, dpT, 0.0) * inv_keep - delta[None, :])
+        pdT = tl.where(keepT, pT, 0.0)
+        dsT = pdT * dpT - pT * delta[None, :]
     else:
         pdT = pT
         dsT = pT * (dpT - delta[None, :])
@@ -453,7 +459,7 @@ def _bwd_kv_program(
     dv_base = DV + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
     out_offs = offs_n[:, None] * sdk_t + offs_d[None, :]
     tl.store(dk_base + out_offs, (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_ok)
-    tl.store(dv_base + out_offs, (dv * inv_keep).to(DV.dtype.element_ty), mask=kd_ok)
+    tl.store(dv_base + out_offs, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
 @triton.autotune(
