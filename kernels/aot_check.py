@@ -1,6 +1,7 @@
 """Compile every Triton kernel of `kernels/` ahead of time for a CUDA GPU, without a GPU.
 
-    python -m kernels.aot_check [--arch 90] [--quick | --all] [--jobs N] [--kernel SUBSTRING] [--verbose]
+    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--configs N] | --dropout-cost]
+                                [--jobs N] [--kernel SUBSTRING] [--report PATH.json] [--csv PATH.csv] [--verbose]
 
 Why: the CPU test-suite runs the kernels through Triton's interpreter, which accepts code the real
 compiler rejects (and cannot run bf16 ``tl.dot`` at all). This script runs the real pipeline
@@ -20,11 +21,29 @@ What is compiled — the variants are read off the launchers (keep `_variants` i
   epilogue (its ``early_config_prune``, called here on stand-in tensors), or the launch-config rule's output at
   the BERT sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
 How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every kernel and dtype, the main
-switch combination, the smallest autotune config (36 compiles, well under a minute on two cores; what the
+switch combination, the smallest autotune config (about 40 compiles, about a minute on two cores; what the
 test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
-every other combination with the smallest config (538 compiles, a few minutes on two cores);
-``--all`` — the full product (1227 compiles). The report lists the problem rows (errors, shared memory
-over the limit, spills) and a per-kernel summary; ``--verbose`` lists every variant.
+every other combination with the smallest config (several hundred compiles, tens of minutes on two cores);
+``--all`` — the full product; ``--gate`` — every shipped fp16 attention config at head dims 32 / 64 / 128 with
+the training switches (``--configs N``: the first N of each list, what the test-suite runs); ``--dropout-cost``
+— the attention configs at head dim 64 with dropout on and off. The report lists the problem rows and a
+per-kernel summary; ``--verbose`` lists every variant.
+
+What is read off the compiled code, per variant (compile-time evidence, not a time; see PERF.md):
+- registers, spill bytes, shared memory (ptxas ``-v``), and every ptxas warning — notably C7515, "wgmma.mma_async
+  instructions are serialized" (flag WGMMA-SERIALIZED);
+- the tensor-core family and count from the PTX: ``wgmma.mma_async`` (Hopper) vs ``mma.sync`` (the Ampere path;
+  flag MMA.SYNC for a 16-bit variant on sm_90) vs none (FMA loops, e.g. the IEEE fp32 dots);
+- SASS (the bundled nvdisasm, cuobjdump as a fallback): instructions of the kernel and of its main loop body —
+  the longest span from a label to a branch back to it, NOPs excluded;
+- duplicated work from the TTGIR layouts: a dot whose MMA layout gives two warps the same rows or columns
+  (``warpsPerCTA`` [8, 1] on a 64-row tile: both warpgroups compute the same product; flag WARP-DUP);
+- with pairs that differ only in HAS_DROPOUT (``--dropout-cost``): SASS main-loop instructions added by dropout
+  per score element, (loop with − loop without) ÷ (BLOCK_M·BLOCK_N ÷ 32·num_warps).
+``--report PATH.json`` writes one record per variant (kernel, dtype, constexprs, num_warps, num_stages, ok,
+registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, ptxas_warnings,
+sass_instructions, sass_loop_instructions, plus shapes, warpgroup_dup, error) for any mode; ``--csv PATH.csv`` the
+same as a small table (benchmarks/results/aot_sm90.csv holds the default mode's).
 
 The signature is built from the kernel's own argument names plus the table `KERNELS` below (pointer
 dtypes, float arguments, unit strides), the same types Triton's launcher derives from the real call:
@@ -299,18 +318,21 @@ def _attn_variants(mode: str) -> Iterator[Variant]:
         yield Variant("_attn_bwd_delta_kernel", dt, dt, dict(VARLEN=varlen, BLOCK_M=64, BLOCK_D=d), shapes=f"d={d}")
 
 
-def _attn_shipped(dt: str, head_dims: tuple[int, ...], switch_sets: list[dict]) -> Iterator[Variant]:
-    """Every autotune config of every autotuned attention kernel for `dt`, per head dim and switch set."""
+def _attn_shipped(dt: str, head_dims: tuple[int, ...], switch_sets: list[dict], first: int = 0) -> Iterator[Variant]:
+    """Every autotune config (the first `first` of each list when > 0) of every autotuned attention kernel for
+    `dt`, per head dim and switch set."""
     for name, d, switches in itertools.product(ATTN_TUNED, head_dims, switch_sets):
         constexprs = {**switches, "IEEE": dt == "fp32", "BLOCK_D": d}
-        for blocks, warps, stages in _autotune_configs(name, False, dt, constexprs):
+        configs = _autotune_configs(name, False, dt, constexprs)
+        for blocks, warps, stages in configs[:first] if first > 0 else configs:
             yield Variant(name, dt, dt, {**constexprs, **blocks}, warps, stages, shapes=f"d={d}")
 
 
-def _gate_variants() -> Iterator[Variant]:
+def _gate_variants(first: int = 0) -> Iterator[Variant]:
     """What the CPU test gates on: every shipped 16-bit attention config for sm_90 (fp16; bf16 lowers the same
-    way), the training switches (key padding + dropout), head dims 32 / 64 / 128."""
-    yield from _attn_shipped("fp16", (32, 64, 128), [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True)])
+    way), the training switches (key padding + dropout), head dims 32 / 64 / 128; `first` > 0: only the first
+    configs of each list (the test-suite's budget)."""
+    yield from _attn_shipped("fp16", (32, 64, 128), [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True)], first)
 
 
 def _dropout_cost_variants() -> Iterator[Variant]:
@@ -719,6 +741,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="every shipped 16-bit (fp16) attention config, main switches, head dims 32/64/128")
     parser.add_argument("--dropout-cost", action="store_true",
                         help="the attention kernels' shipped fp16 configs at head dim 64 with and without dropout")
+    parser.add_argument("--configs", type=int, default=0, metavar="N",
+                        help="with --gate: only the first N autotune configs of each list (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--report", metavar="PATH.json", help="write one JSON record per variant to PATH.json")
@@ -736,7 +760,7 @@ def main(argv: list[str] | None = None) -> int:
     if sum((args.quick, args.all, args.gate, args.dropout_cost)) > 1:
         parser.error("--quick, --all, --gate and --dropout-cost exclude each other")
     if args.gate:
-        mode, variants = "gate", list(_gate_variants())
+        mode, variants = "gate", list(_gate_variants(args.configs))
     elif args.dropout_cost:
         mode, variants = "dropout-cost", list(_dropout_cost_variants())
     else:

@@ -1,16 +1,21 @@
 """Flash-style fused attention with key padding / variable length and dropout, forward and backward.
 
 Fused: S = Q·Kᵀ·scale, key padding (or per-sequence bounds in the varlen layout), online softmax in fp32,
-dropout on the probabilities (1/(1-p) rescale), ·V — without materialising any [T, T] tensor. Backward
-recomputes the probabilities from Q, K and the saved row logsumexp (fp32 [B, h, T] / [h, total]); no
-probabilities and no dropout mask are stored. Backward = a small pass for delta = rowsum(dO ∘ O), a
-dK/dV pass (one program per key block, looping over query blocks) and a dQ pass (one program per query
-block, looping over key blocks): no atomics, so autotuning (which re-runs kernels) is safe.
+dropout on the probabilities (rescaled by 1 / the exact keep probability), ·V — without materialising any
+[T, T] tensor. Backward recomputes the probabilities from Q, K and the saved row logsumexp (fp32 [B, h, T] /
+[h, total]); no probabilities and no dropout mask are stored. Backward = a small pass for delta = rowsum(dO ∘ O),
+then by default FlashAttention-2's scheme: one program per key block, looping over the query blocks, S, P and
+the dropout bits once per (query block, key block) pair, dK and dV accumulated in registers and dQ added into
+an fp32 buffer with atomics (zeroed before every autotune trial). `deterministic=True` (or
+`torch.use_deterministic_algorithms(True)`, or FASTBERT_DETERMINISTIC_ATTENTION=1 at import) runs the two-pass
+backward instead: a dK/dV pass (per key block) and a dQ pass (per query block), no atomics, bitwise repeatable,
+at 7 instead of 5 matrix products per block pair.
 
 Bytes moved (e = element size, N = B·T·h·d·e): forward reads Q once and K, V once per query block
 (mostly from L2), writes O (N) and the fp32 logsumexp (4·B·h·T); backward reads Q, K, V, O, dO and the
-logsumexp and writes dQ, dK, dV — never an O(T²) tensor. FLOPs: 4·B·h·Tq·Tk·d forward,
-10·B·h·Tq·Tk·d backward (the recomputation of S included).
+logsumexp and writes dQ, dK, dV (the default path also adds into and reads back an fp32 dQ, 2·4/e·N) — never
+an O(T²) tensor. FLOPs (2 per multiply-add): forward 4·B·h·Tq·Tk·d (Q·Kᵀ, P·V); backward 10·B·h·Tq·Tk·d by
+default (Q·Kᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K), 14·B·h·Tq·Tk·d with deterministic=True (S and dP computed twice).
 
 Layouts:
 - padded: q, k, v [B, T, h, d] (k, v may have their own length S), key_padding_mask bool [B, S]
@@ -21,10 +26,12 @@ Layouts:
 q, k, v need a contiguous last dim only: views into one packed [B, T, 3, h, d] QKV buffer are read in
 place (no copy). Outputs and gradients are contiguous.
 
-Dropout: Philox (`tl.rand`), regenerated in backward. Keep-mask scheme (see `kernels._attention_dropout`):
-key (seed, b·h + head), counter i·row_stride + j with row_stride = S (padded) or max_seqlen (varlen), so a
-padded call with T == max_seqlen and the varlen call of the same batch and seed drop the same entries.
-`attention_dropout_mask(seed, B, h, Tq, Tk, p)` / `attention_dropout_mask_varlen(...)` rebuild the mask.
+Dropout: counter-based Philox-4x32-7, regenerated in backward, 8 16-bit draws per call (see
+`kernels._attention_dropout`): key (seed, b·h + head), counter from (query row i, key column j) counted in the
+sequence, so the padded call and the varlen call of the same batch and seed drop the same entries, whatever the
+tile config. dropout_p is applied as t / 65536 with t = round(65536·p) (within 2**-17 of p) and kept entries are
+scaled by 65536 / (65536 - t): unbiased. `attention_dropout_mask(seed, B, h, Tq, Tk, p)` /
+`attention_dropout_mask_varlen(...)` rebuild the mask.
 
 Dtypes: fp32 / fp16 / bf16 in and out (one dtype for q, k, v), fp32 accumulation; fp32 matmuls run in
 IEEE fp32 (no TF32). Head dims 16..128 (padded to a power of two inside the kernel, masked).
@@ -37,10 +44,13 @@ but it materialises [B, h, T, T]). bf16 on the interpreter also takes the refere
 
 Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no
 MQA/GQA (q, k, v share the head count). The padded layout still computes the padded query rows and
-visits padded key blocks (masked): use the varlen layout to skip padding. Dropout needs
-Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only).
-The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per
-tensor (cached by identity and version) and are skipped while torch.compile traces.
+visits padded key blocks (masked): use the varlen layout to skip padding. Only the last, partial key block
+is bounds-checked in the forward; with a padding mask every key block reads its mask bytes. The default
+backward's dQ sums come in a run-dependent order (fp32 atomics): use deterministic=True for bitwise
+repeatability. Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
+cu_seqlens (self-attention only). The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read
+cu_seqlens on the host once per tensor (cached by identity and version) and are skipped while torch.compile
+traces.
 """
 
 from __future__ import annotations
