@@ -259,7 +259,7 @@ def _autotune_configs(name: str, smallest: bool, act: str, constexprs: dict) -> 
     configs = tuner.configs
     if tuner.early_config_prune is not None:
         configs = tuner.early_config_prune(configs, _stand_in_args(spec, act, constexprs), **constexprs)
-    if smallest:
+    if smallest and configs:  # an empty list: the launcher never runs the kernel for this launch
         configs = [min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_warps, c.num_stages))]
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
 

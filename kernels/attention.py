@@ -42,12 +42,13 @@ else the plain-PyTorch reference with the same Philox keep-mask (same result as 
 but it materialises [B, h, T, T]). bf16 on the interpreter also takes the reference path, with a warning
 (the interpreter's bf16 tl.dot is wrong).
 
-Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no
-MQA/GQA (q, k, v share the head count). The padded layout still computes the padded query rows and
-visits padded key blocks (masked): use the varlen layout to skip padding. Only the last, partial key block
-is bounds-checked in the forward; with a padding mask every key block reads its mask bytes. The default
-backward's dQ sums come in a run-dependent order (fp32 atomics): use deterministic=True for bitwise
-repeatability. Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
+Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no MQA/GQA (q,
+k, v share the head count). The padded layout still computes the padded query rows and visits padded key blocks
+(masked): use the varlen layout to skip padding. Only the last, partial key block is bounds-checked in the
+forward; with a padding mask every key block reads its mask bytes. The default backward's dQ sums come in a run-
+dependent order (fp32 atomics): use deterministic=True for bitwise repeatability. 16-bit calls with head dim >
+64 always run the two-pass backward: no one-pass tile compiles without spilling there (dK and dV alone fill half
+the register file). Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
 cu_seqlens (self-attention only). The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read
 cu_seqlens on the host once per tensor (cached by identity and version) and are skipped while torch.compile
 traces.
@@ -109,45 +110,47 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 # Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper (sm_90), one list per kernel, dtype class
 # (fp32 / 16-bit) and BLOCK_D. Chosen from compile-time data only — `python -m kernels.aot_check` (registers,
-# spills, shared memory from the ptxas bundled with triton) — NOT from GPU timings: a GPU session must still time
-# them and may drop slow ones. Rule: in the main switch combinations (key padding + dropout, varlen + dropout) no
-# config in a list spills more than a few bytes or needs more than the 227 KB of shared memory per block.
+# spills, shared memory, MMA family, warp layouts, from the ptxas / nvdisasm bundled with triton) — NOT from GPU
+# timings: a GPU session must still time them and may drop slow ones. Rules for the 16-bit lists (fp16 compiled,
+# key padding + dropout; `--gate` checks them all): every config lowers to wgmma (no mma.sync), no ptxas warning
+# (C7515: wgmma serialized), every warpgroup owns >= 64 rows of each product (4 warps for 64-row products, 8 warps
+# only with 128-row ones: 8 warps on a 64-row tile make both warpgroups compute the same rows), at most a few bytes
+# of spill, shared memory within the 227 KB per block.
 # What the data showed:
 # - fp32 (IEEE dots: FMAs, no tensor cores) needs far more registers: most tiles of 64 rows or more spill
-#   kilobytes from d = 64, and which small tiles stay clean is irregular (forward 32×32 with 8 warps spills at
-#   d = 128 while 32×64 does not). fp32 is the exactness path, not the fast one: small tiles only.
-# - fp16/bf16: register use grows with BLOCK_D. In dK/dV (BLOCK_N keys per program, BLOCK_M query rows per step)
-#   two fp32 [BLOCK_N, d] accumulators live beside K and V: 128×64 and 64×128 spill hundreds of bytes from d = 64,
-#   4-warp 64×64 a few; 8 warps (two warpgroups) halve the registers per thread and make 128×32, 64×32, 32×128
-#   and 64×64 (3-4 stages, d = 64; 4 B of spill in the varlen variant, kept) clean. 128-row tiles stay where
-#   they are clean: forward 128×64 with 8 warps (4 warps spill from d = 64), dQ 128×64 with 8 warps.
+#   kilobytes from d = 64, and which small tiles stay clean is irregular. fp32 is the exactness path, not the
+#   fast one: small tiles only.
+# - forward: 128×64 and 128×128 with 8 warps and 64×64 / 64×128 with 4 warps are clean at every head dim;
+#   128×128 with 4 warps (FA2 / the Triton tutorial) spills kilobytes from d = 32 and 128×64 with 4 warps from
+#   d = 64, so those stay out.
+# - one-pass backward (`bwd`: the products are Kᵀ-side [BLOCK_N, ·] and the dQ product [BLOCK_M, d]): both block
+#   sizes >= 64, and 8 warps only with BLOCK_N = 128; at d = 32 / 64 64×64 with 4 warps and 64×128 with 8 are
+#   clean, 128-row query blocks and 4-warp 128-key blocks spill. At d = 128 every candidate spills (dK and dV
+#   alone are 128 fp32 registers a thread): the 16-bit d = 128 list is empty and the launcher runs the two-pass
+#   backward there (its kernels have clean tiles).
+# - two-pass backward: dK/dV (BLOCK_N keys per program) 64×64 / 32×64 with 4 warps, 64×128 / 32×128 with 8;
+#   dQ (BLOCK_M queries per program) 64-row tiles with 4 warps, 128-row tiles with 8.
 # Head dims 16 and 32 share the BLOCK_D = 32 lists (d = 16 is not compiled separately: a smaller BLOCK_D should
 # only lower register use).
 _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 32): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
                   (64, 128, 4, 2), (128, 32, 4, 3)],
-    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
                   (64, 64, 4, 4), (64, 128, 4, 2)],
-    ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
-                   (64, 64, 4, 4), (64, 32, 4, 3)],
-    ("bwd", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
-                  (128, 128, 8, 3), (128, 128, 4, 2)],
-    ("bwd", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
-                  (128, 128, 8, 3), (128, 128, 4, 2)],
-    ("bwd", 128): [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2),
-                   (128, 128, 8, 3), (64, 128, 8, 2)],
-    ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
-                   (32, 128, 8, 2), (64, 32, 4, 3)],
-    ("dkdv", 64): [(64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 2), (128, 32, 8, 3), (32, 64, 4, 3),
-                   (32, 128, 8, 2), (64, 32, 8, 2)],
-    ("dkdv", 128): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2),
-                    (32, 64, 8, 3), (32, 128, 8, 2)],
+    ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+                   (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+    ("bwd", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
+    ("bwd", 64): [(64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3)],
+    ("bwd", 128): [],  # nothing clean: two-pass backward
+    ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
+                   (32, 128, 4, 2)],
+    ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
+    ("dkdv", 128): [(32, 128, 8, 2), (32, 64, 4, 3)],
     ("dq", 32): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                 (32, 64, 4, 3)],
+                 (64, 32, 4, 3), (128, 32, 4, 2)],
     ("dq", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                 (64, 64, 8, 3), (32, 128, 8, 2)],
-    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                  (64, 32, 8, 2)],
+                 (64, 32, 4, 3), (128, 32, 4, 2)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
 }  # fmt: skip
 _TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 32): [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
@@ -691,7 +694,7 @@ def _flash_attn_bwd(
     cu_arg = cu_seqlens if varlen else q
     in_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
     kv_grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)
-    if not deterministic:
+    if not deterministic and attn_tiles("bwd", q.dtype, block_d):  # 16-bit d = 128: no clean one-pass tile
         # One pass, 5 products per block pair; dQ accumulates in fp32 (zeros: the kernel adds into it).
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[kv_grid](
