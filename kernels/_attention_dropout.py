@@ -22,10 +22,12 @@ one axis only, e.g. 8 adjacent columns of a row, is cheap in the forward and twi
 with Philox-4x32 at 7 rounds. Why these choices:
 - several elements per call: a score element is worth ≈ 10 lane-instructions of issue budget at d = 64 on an
   H100/H200 (PERF.md); one 10-round `tl.rand` call per element cost ≈ 55 SASS instructions per element in the
-  forward loop. Compiled for sm_90 (128×64 tile, 8 warps, `python -m kernels.aot_check --dropout-cost`), 8
-  16-bit draws per 7-round call add ≈ 11 instructions per element, and FlashAttention-2's 16 8-bit draws per
-  call measured the same (±0.5): the Philox rounds are no longer what costs, the unpacking and the compare
-  are. So 16-bit draws: the keep probability is quantised to 2**-16 instead of 2**-8.
+  forward loop. In a first version compiled for sm_90 (128×64 tile, 8 warps), 8 16-bit draws per 7-round
+  call added ≈ 11 instructions per element and FlashAttention-2's 16 8-bit draws per call the same (±0.5): past
+  a few elements per call the Philox rounds are not what costs, unpacking, moving and comparing the draws are.
+  So 16-bit draws (the keep probability quantised to 2**-16 instead of 2**-8). With the grouping below, one wide
+  multiply per Philox product and in-place compares, `python -m kernels.aot_check --dropout-cost` reads 7-9
+  added instructions per score element in the forward loop and 9-11 in the backward loops (budget 12).
 - 7 rounds: Philox-4x32-7 is the fewest rounds Salmon et al. (SC 2011) report as passing TestU01's BigCrush
   (10 is their safety margin); FlashAttention-2 uses 7 too. Dropout needs independent-looking bits, not
   strength against an adversary; tests/kernels/test_attention_dropout_stats.py checks the rate and the
