@@ -1,6 +1,7 @@
 """Compile every Triton kernel of `kernels/` ahead of time for a CUDA GPU, without a GPU.
 
-    python -m kernels.aot_check [--arch 90] [--quick | --all] [--jobs N] [--kernel SUBSTRING] [--verbose]
+    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--configs N] | --dropout-cost]
+                                [--jobs N] [--kernel SUBSTRING] [--report PATH.json] [--csv PATH.csv] [--verbose]
 
 Why: the CPU test-suite runs the kernels through Triton's interpreter, which accepts code the real
 compiler rejects (and cannot run bf16 ``tl.dot`` at all). This script runs the real pipeline
@@ -20,11 +21,29 @@ What is compiled — the variants are read off the launchers (keep `_variants` i
   epilogue (its ``early_config_prune``, called here on stand-in tensors), or the launch-config rule's output at
   the BERT sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
 How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every kernel and dtype, the main
-switch combination, the smallest autotune config (36 compiles, well under a minute on two cores; what the
+switch combination, the smallest autotune config (about 40 compiles, about a minute on two cores; what the
 test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
-every other combination with the smallest config (538 compiles, a few minutes on two cores);
-``--all`` — the full product (1227 compiles). The report lists the problem rows (errors, shared memory
-over the limit, spills) and a per-kernel summary; ``--verbose`` lists every variant.
+every other combination with the smallest config (several hundred compiles, tens of minutes on two cores);
+``--all`` — the full product; ``--gate`` — every shipped fp16 attention config at head dims 32 / 64 / 128 with
+the training switches (``--configs N``: the first N of each list, what the test-suite runs); ``--dropout-cost``
+— the attention configs at head dim 64 with dropout on and off. The report lists the problem rows and a
+per-kernel summary; ``--verbose`` lists every variant.
+
+What is read off the compiled code, per variant (compile-time evidence, not a time; see PERF.md):
+- registers, spill bytes, shared memory (ptxas ``-v``), and every ptxas warning — notably C7515, "wgmma.mma_async
+  instructions are serialized" (flag WGMMA-SERIALIZED);
+- the tensor-core family and count from the PTX: ``wgmma.mma_async`` (Hopper) vs ``mma.sync`` (the Ampere path;
+  flag MMA.SYNC for a 16-bit variant on sm_90) vs none (FMA loops, e.g. the IEEE fp32 dots);
+- SASS (the bundled nvdisasm, cuobjdump as a fallback): instructions of the kernel and of its main loop body —
+  the longest span from a label to a branch back to it, NOPs excluded;
+- duplicated work from the TTGIR layouts: a dot whose MMA layout gives two warps the same rows or columns
+  (``warpsPerCTA`` [8, 1] on a 64-row tile: both warpgroups compute the same product; flag WARP-DUP);
+- with pairs that differ only in HAS_DROPOUT (``--dropout-cost``): SASS main-loop instructions added by dropout
+  per score element, (loop with − loop without) ÷ (BLOCK_M·BLOCK_N ÷ 32·num_warps).
+``--report PATH.json`` writes one record per variant (kernel, dtype, constexprs, num_warps, num_stages, ok,
+registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, ptxas_warnings,
+sass_instructions, sass_loop_instructions, plus shapes, warpgroup_dup, error) for any mode; ``--csv PATH.csv`` the
+same as a small table (benchmarks/results/aot_sm90.csv holds the default mode's).
 
 The signature is built from the kernel's own argument names plus the table `KERNELS` below (pointer
 dtypes, float arguments, unit strides), the same types Triton's launcher derives from the real call:
@@ -49,11 +68,13 @@ import contextlib
 import importlib
 import io
 import itertools
+import json
 import math
 import multiprocessing
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -99,7 +120,9 @@ class KernelSpec:
 
 _MASK_PTR = _if("HAS_MASK", "*u8", ACT)  # bool mask viewed as uint8, else q / scores as a dummy
 _CU_PTR = _if("VARLEN", "*i32", ACT)  # cu_seqlens, else q as a dummy
-_ATTN_INTS = ("H", "Tq", "Tk", "row_stride", "sl_b", "sl_h")  # heads; lengths vary with the batch
+_ATTN_INTS = ("H", "Tq", "Tk", "sl_b", "sl_h")  # heads; lengths vary with the batch
+# The autotuned attention kernels (each in `KERNELS`).
+ATTN_TUNED = ("_attn_fwd_kernel", "_attn_bwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")
 
 KERNELS: dict[str, KernelSpec] = {
     spec.name: spec
@@ -113,7 +136,7 @@ KERNELS: dict[str, KernelSpec] = {
         KernelSpec(
             "kernels.attention", "_attn_fwd_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "O": ACT, "LSE": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.attention", "_attn_bwd_delta_kernel",
@@ -121,27 +144,33 @@ KERNELS: dict[str, KernelSpec] = {
             data_dependent=("H", "Tq", "sl_b", "sl_h"),
         ),
         KernelSpec(
+            "kernels.attention", "_attn_bwd_kernel",
+            {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DK": ACT, "DV": ACT,
+             "DQ": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
+        ),
+        KernelSpec(
             "kernels.attention", "_attn_bwd_dkdv_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DK": ACT, "DV": ACT,
              "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.attention", "_attn_bwd_dq_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "DO": ACT, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ACT,
              "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
-            floats=("qk_scale", "sm_scale", "p_drop", "inv_keep"), data_dependent=_ATTN_INTS,
+            floats=("qk_scale", "sm_scale", "inv_keep"), data_dependent=_ATTN_INTS,
         ),
         KernelSpec(
             "kernels.softmax_dropout", "_softmax_dropout_fwd_kernel",
             {"X": ACT, "Y": ACT, "KEEP_KEY": _MASK_PTR},
-            floats=("scale_log2e", "p_drop", "inv_keep"),
+            floats=("scale_log2e", "inv_keep"),
             data_dependent=("H", "Tq", "Tk", "sx_b", "sx_h", "sx_q"),
         ),
         KernelSpec(
             "kernels.softmax_dropout", "_softmax_dropout_bwd_kernel",
             {"DY": ACT, "SRC": ACT, "DX": ACT, "KEEP_KEY": _MASK_PTR},
-            floats=("scale", "scale_log2e", "p_drop", "inv_keep"),
+            floats=("scale", "scale_log2e", "inv_keep"),
             data_dependent=("H", "Tq", "Tk", "ss_b", "ss_h", "ss_q"),
         ),
         KernelSpec(
@@ -230,7 +259,7 @@ def _autotune_configs(name: str, smallest: bool, act: str, constexprs: dict) -> 
     configs = tuner.configs
     if tuner.early_config_prune is not None:
         configs = tuner.early_config_prune(configs, _stand_in_args(spec, act, constexprs), **constexprs)
-    if smallest:
+    if smallest and configs:  # an empty list: the launcher never runs the kernel for this launch
         configs = [min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_warps, c.num_stages))]
     return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in configs]
 
@@ -281,12 +310,36 @@ def _attn_variants(mode: str) -> Iterator[Variant]:
     head_dims = HEAD_DIMS[:1] if mode == QUICK else HEAD_DIMS
     dims = [dict(dt=dt, d=d, _main=d == HEAD_DIMS[0]) for d in head_dims for dt in DTYPES]
     launch_switches = lambda combo, dim: {**combo, "IEEE": dim["dt"] == "fp32", "BLOCK_D": dim["d"]}
-    for name in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"):
+    for name in ATTN_TUNED:
         for constexprs, dim, (blocks, warps, stages) in _tuned(name, combos, 2, 1, mode, dims, launch_switches):
             yield Variant(name, dim["dt"], dim["dt"], {**constexprs, **blocks}, warps, stages, shapes=f"d={dim['d']}")
     # delta pass: fixed launch (BLOCK_M = 64, default warps and stages)
     for dt, d, varlen in itertools.product(DTYPES, head_dims, (False,) if mode == QUICK else (False, True)):
         yield Variant("_attn_bwd_delta_kernel", dt, dt, dict(VARLEN=varlen, BLOCK_M=64, BLOCK_D=d), shapes=f"d={d}")
+
+
+def _attn_shipped(dt: str, head_dims: tuple[int, ...], switch_sets: list[dict], first: int = 0) -> Iterator[Variant]:
+    """Every autotune config (the first `first` of each list when > 0) of every autotuned attention kernel for
+    `dt`, per head dim and switch set."""
+    for name, d, switches in itertools.product(ATTN_TUNED, head_dims, switch_sets):
+        constexprs = {**switches, "IEEE": dt == "fp32", "BLOCK_D": d}
+        configs = _autotune_configs(name, False, dt, constexprs)
+        for blocks, warps, stages in configs[:first] if first > 0 else configs:
+            yield Variant(name, dt, dt, {**constexprs, **blocks}, warps, stages, shapes=f"d={d}")
+
+
+def _gate_variants(first: int = 0) -> Iterator[Variant]:
+    """What the CPU test gates on: every shipped 16-bit attention config for sm_90 (fp16; bf16 lowers the same
+    way), the training switches (key padding + dropout), head dims 32 / 64 / 128; `first` > 0: only the first
+    configs of each list (the test-suite's budget)."""
+    yield from _attn_shipped("fp16", (32, 64, 128), [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True)], first)
+
+
+def _dropout_cost_variants() -> Iterator[Variant]:
+    """The shipped fp16 attention configs at head dim 64, padded layout with key padding, dropout on and off:
+    the pairs `dropout_costs` reads."""
+    switch_sets = [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=drop) for drop in (True, False)]
+    yield from _attn_shipped("fp16", (64,), switch_sets)
 
 
 def _softmax_variants(mode: str) -> Iterator[Variant]:
@@ -407,6 +460,24 @@ class Result:
     shared: int = 0
     seconds: float = 0.0
     flags: list[str] = field(default_factory=list)
+    wgmma: int = 0  # `wgmma.mma_async` instructions in the PTX (Hopper tensor cores)
+    mma_sync: int = 0  # `mma.sync` instructions in the PTX (the Ampere tensor-core path)
+    ptxas_warnings: list[str] = field(default_factory=list)
+    sass_instructions: int | None = None  # SASS instructions of the kernel (NOPs excluded)
+    sass_loop_instructions: int | None = None  # of its main loop body (the largest backward-branch span)
+    warpgroup_dup: list[str] = field(default_factory=list)  # MMA layouts that give warps the same rows/columns
+
+    def record(self) -> dict:
+        """The JSON record of `--report`: one per variant."""
+        v = self.variant
+        return {
+            "kernel": v.kernel, "dtype": v.act, "param_dtype": v.param, "constexprs": dict(v.constexprs),
+            "num_warps": v.num_warps, "num_stages": v.num_stages, "shapes": v.shapes, "ok": self.ok,
+            "error": self.error, "registers": self.registers, "spill_bytes": self.spill_stores + self.spill_loads,
+            "shared_bytes": self.shared, "wgmma": self.wgmma, "mma_sync": self.mma_sync,
+            "ptxas_warnings": list(self.ptxas_warnings), "sass_instructions": self.sass_instructions,
+            "sass_loop_instructions": self.sass_loop_instructions, "warpgroup_dup": list(self.warpgroup_dup),
+        }  # fmt: skip
 
 
 _PTXAS = {
@@ -415,6 +486,101 @@ _PTXAS = {
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
     "stack": re.compile(r"(\d+) bytes stack frame"),
 }
+# C7515 reads "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...".
+SERIALIZED = "C7515"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the compiled code: PTX, ptxas log, SASS, TTGIR
+# ----------------------------------------------------------------------------------------------------------
+
+
+def ptx_mma_counts(ptx: str) -> tuple[int, int]:
+    """(wgmma.mma_async, mma.sync) instruction counts of a PTX listing (static counts, not executions)."""
+    wgmma = mma = 0
+    for line in ptx.splitlines():
+        op = line.strip()
+        wgmma += op.startswith("wgmma.mma_async")
+        mma += op.startswith("mma.sync")
+    return wgmma, mma
+
+
+def ptxas_warnings(log: str) -> list[str]:
+    """Every warning line of a ptxas log, without the temporary file name."""
+    out = []
+    for line in log.splitlines():
+        if "warning" in line.lower():
+            out.append(re.sub(r"^ptxas\s+\S+\.ptx(, line \d+)?;?\s*", "ptxas ", line.strip()))
+    return out
+
+
+_SASS_INSTR = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(.+?)\s*;")
+_SASS_LABEL = re.compile(r"^(\.L_x_\d+):")
+_SASS_BRANCH = re.compile(r"\bBRA\b.*?`\((\.L_x_\d+)\)")
+
+
+def sass_counts(sass: str) -> tuple[int, int | None]:
+    """(instructions, instructions of the main loop) of an nvdisasm listing, NOPs excluded.
+
+    A loop is the span from a label to a branch back to it; the main loop is the longest such span (the
+    inner loop of the kernel: software pipelining leaves one steady-state body). None when there is no loop."""
+    labels: dict[str, int] = {}
+    count = 0
+    best = None
+    for line in sass.splitlines():
+        if m := _SASS_LABEL.match(line):
+            labels[m.group(1)] = count
+            continue
+        m = _SASS_INSTR.match(line)
+        if not m:
+            continue
+        text = m.group(1)
+        if text.split()[0] == "NOP":
+            continue
+        count += 1
+        if (b := _SASS_BRANCH.search(text)) and b.group(1) in labels:
+            body = count - labels[b.group(1)]
+            best = body if best is None else max(best, body)
+    return count, best
+
+
+_TTGIR_MMA = re.compile(r"^(#mma\w*) = #ttg\.nvidia_mma<\{versionMajor = (\d+),.*?warpsPerCTA = \[(\d+), (\d+)\],"
+                        r".*?instrShape = \[(\d+), (\d+)", re.M)  # fmt: skip
+_TTGIR_DOT = re.compile(r"= (?:ttng\.warp_group_dot|tt\.dot) .*?-> tensor<(\d+)x(\d+)x\w+, (#mma\w*)>")
+
+
+def warpgroup_duplication(ttgir: str) -> list[str]:
+    """The dots whose MMA layout gives two warps (two warpgroups on Hopper) the same rows or columns.
+
+    A warp of an MMA layout covers 16 rows (Hopper: 4 warps along M make a 64-row warpgroup) and instrShape[1]
+    columns: a [M, N] dot with warpsPerCTA [wm, wn] repeats work when M < 16·wm or N < n·wn."""
+    layouts = {m.group(1): tuple(int(x) for x in m.groups()[1:]) for m in _TTGIR_MMA.finditer(ttgir)}
+    out = []
+    for m in _TTGIR_DOT.finditer(ttgir):
+        rows, cols, name = int(m.group(1)), int(m.group(2)), m.group(3)
+        if name not in layouts:
+            continue
+        version, wm, wn, _, instr_n = layouts[name]
+        if rows < 16 * wm or cols < instr_n * wn:
+            out.append(f"{rows}x{cols} warpsPerCTA=[{wm},{wn}] v{version}")
+    return sorted(set(out))
+
+
+def _disassemble(cubin: bytes) -> str:
+    """SASS of a cubin, with the nvdisasm bundled in triton (cuobjdump as a fallback)."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        for tool, flags in ((knobs.nvidia.nvdisasm, ["-c"]), (knobs.nvidia.cuobjdump, ["-sass"])):
+            with contextlib.suppress(Exception):
+                proc = subprocess.run([tool.path, *flags, f.name], capture_output=True, text=True, timeout=120)
+                if proc.returncode == 0 and proc.stdout:
+                    return proc.stdout
+        return ""
+    finally:
+        os.unlink(f.name)
 
 
 def _init_worker(cache_dir: str) -> None:
@@ -441,11 +607,17 @@ def _compile_one(v: Variant, arch: int) -> Result:
     except Exception as e:  # every failure is a row of the report
         message = f"{type(e).__name__}: {e}".strip()
         return Result(v, ok=False, error=message, seconds=time.perf_counter() - start)
-    r = Result(v, ok=True, shared=compiled.metadata.shared, seconds=time.perf_counter() - start)
+    r = Result(v, ok=True, shared=compiled.metadata.shared)
     text = log.getvalue()
     for attr, pattern in _PTXAS.items():
         if m := pattern.search(text):
             setattr(r, attr, int(m.group(1)))
+    r.ptxas_warnings = ptxas_warnings(text)
+    r.wgmma, r.mma_sync = ptx_mma_counts(compiled.asm.get("ptx", ""))
+    r.warpgroup_dup = warpgroup_duplication(compiled.asm.get("ttgir", ""))
+    if sass := _disassemble(compiled.asm["cubin"]) if "cubin" in compiled.asm else "":
+        r.sass_instructions, r.sass_loop_instructions = sass_counts(sass)
+    r.seconds = time.perf_counter() - start
     return r
 
 
@@ -456,17 +628,92 @@ def _row(r: Result, limit: int) -> str:
         return f"{head}  COMPILE ERROR"
     spill = f"{r.spill_stores}/{r.spill_loads}"
     smem = f"{r.shared:>6} ({r.shared / limit:4.0%})"
+    mma = f"wgmma {r.wgmma:>3} mma.sync {r.mma_sync:>3}"
+    sass = f"sass {r.sass_instructions!s:>5} loop {r.sass_loop_instructions!s:>5}"
     flags = f"  {' '.join(r.flags)}" if r.flags else ""
-    return f"{head}  ok  regs {r.registers!s:>3}  spill {spill:>11}  smem {smem}  {r.seconds:4.1f}s{flags}"
+    return (f"{head}  ok  regs {r.registers!s:>3}  spill {spill:>11}  smem {smem}  {mma}  {sass}  "
+            f"{r.seconds:4.1f}s{flags}")  # fmt: skip
 
 
-def _classify(r: Result, limit: int, autotuned: bool) -> None:
+def _classify(r: Result, limit: int, autotuned: bool, arch: int) -> None:
     if not r.ok:
         return
     if r.shared > limit:
         r.flags.append("SMEM>LIMIT (autotuner skips)" if autotuned else "SMEM>LIMIT (launch fails)")
     if r.spill_stores:
         r.flags.append("HEAVY-SPILL" if r.spill_stores >= 256 else "spills")
+    if arch == 90 and r.variant.act in ("fp16", "bf16") and r.mma_sync:
+        r.flags.append("MMA.SYNC")  # a 16-bit dot that missed Hopper's wgmma
+    if any(SERIALIZED in w for w in r.ptxas_warnings):
+        r.flags.append("WGMMA-SERIALIZED")
+    elif r.ptxas_warnings:
+        r.flags.append("PTXAS-WARNING")
+    if r.warpgroup_dup:
+        r.flags.append("WARP-DUP")
+
+
+def score_elements_per_thread(r: Result) -> float | None:
+    """BLOCK_M·BLOCK_N ÷ (32·num_warps): the score elements one thread holds per loop iteration."""
+    c = r.variant.constexprs
+    if "BLOCK_M" not in c or "BLOCK_N" not in c:
+        return None
+    return c["BLOCK_M"] * c["BLOCK_N"] / (32 * r.variant.num_warps)
+
+
+def dropout_costs(results: list[Result]) -> list[tuple[Result, Result, float]]:
+    """(with dropout, without, SASS loop instructions added per score element) for every pair of results that
+    differ only in HAS_DROPOUT: (loop with − loop without) ÷ score elements per thread."""
+    def key(r: Result):
+        c = {k: v for k, v in r.variant.constexprs.items() if k != "HAS_DROPOUT"}
+        return r.variant.kernel, r.variant.act, tuple(sorted(c.items())), r.variant.num_warps, r.variant.num_stages
+
+    off = {key(r): r for r in results if r.ok and r.variant.constexprs.get("HAS_DROPOUT") is False}
+    pairs = []
+    for r in results:
+        if not (r.ok and r.variant.constexprs.get("HAS_DROPOUT") is True) or key(r) not in off:
+            continue
+        base = off[key(r)]
+        per_thread = score_elements_per_thread(r)
+        if per_thread and r.sass_loop_instructions is not None and base.sass_loop_instructions is not None:
+            pairs.append((r, base, (r.sass_loop_instructions - base.sass_loop_instructions) / per_thread))
+    return pairs
+
+
+def _write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename (never a torn file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".aot_check_", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+CSV_COLUMNS = ("kernel", "dtype", "variant", "num_warps", "num_stages", "ok", "registers", "spill_bytes",
+               "shared_bytes", "wgmma", "mma_sync", "ptxas_warnings", "warpgroup_dup", "sass_instructions",
+               "sass_loop_instructions")  # fmt: skip
+
+
+def summary_csv(results: list[Result]) -> str:
+    """One CSV row per variant (the compile-time cost of every kernel, small enough to commit and diff)."""
+    import csv
+
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for r in results:
+        v, rec = r.variant, r.record()
+        label = " ".join(f"{k}={_short(x)}" for k, x in v.constexprs.items()) + (f" [{v.shapes}]" if v.shapes else "")
+        dt = v.act if v.param == v.act else f"{v.act}/{v.param}"
+        w.writerow([v.kernel, dt, label, v.num_warps, v.num_stages, int(r.ok), rec["registers"], rec["spill_bytes"],
+                    rec["shared_bytes"], r.wgmma, r.mma_sync, len(r.ptxas_warnings), len(r.warpgroup_dup),
+                    r.sass_instructions, r.sass_loop_instructions])  # fmt: skip
+    return out.getvalue()
 
 
 def toolchain_problem(arch: int = 90) -> str | None:
@@ -490,8 +737,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, default=90, help="compute capability to compile for (default 90)")
     parser.add_argument("--quick", action="store_true", help="every kernel and dtype, main variant, one config")
     parser.add_argument("--all", action="store_true", help="the full product of variants (about an hour)")
+    parser.add_argument("--gate", action="store_true",
+                        help="every shipped 16-bit (fp16) attention config, main switches, head dims 32/64/128")
+    parser.add_argument("--dropout-cost", action="store_true",
+                        help="the attention kernels' shipped fp16 configs at head dim 64 with and without dropout")
+    parser.add_argument("--configs", type=int, default=0, metavar="N",
+                        help="with --gate: only the first N autotune configs of each list (default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
+    parser.add_argument("--report", metavar="PATH.json", help="write one JSON record per variant to PATH.json")
+    parser.add_argument("--csv", metavar="PATH.csv", help="write the per-variant summary as CSV to PATH.csv")
     parser.add_argument("--verbose", action="store_true", help="print every variant, not only problems")
     args = parser.parse_args(argv)
 
@@ -502,8 +757,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aot_check: {problem}", file=sys.stderr)
         return 2
     limit = SHARED_LIMIT.get(args.arch, 227 * 1024)
-    mode = QUICK if args.quick else ALL if args.all else DEFAULT
-    variants = [v for v in _variants(mode) if args.kernel in v.kernel]
+    if sum((args.quick, args.all, args.gate, args.dropout_cost)) > 1:
+        parser.error("--quick, --all, --gate and --dropout-cost exclude each other")
+    if args.gate:
+        mode, variants = "gate", list(_gate_variants(args.configs))
+    elif args.dropout_cost:
+        mode, variants = "dropout-cost", list(_dropout_cost_variants())
+    else:
+        mode = QUICK if args.quick else ALL if args.all else DEFAULT
+        variants = _variants(mode)
+    variants = [v for v in variants if args.kernel in v.kernel]
     print(f"aot_check: {len(variants)} kernel variants ({mode}) for sm_{args.arch}, {args.jobs} jobs", flush=True)
 
     start = time.perf_counter()
@@ -520,13 +783,27 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(cache_dir, ignore_errors=True)
     wall = time.perf_counter() - start
-    return _report(results, limit, args, wall)
+    status = _report(results, limit, args, wall)
+    if args.report:
+        meta = {"arch": args.arch, "mode": mode, "triton": _triton_version(), "wall_s": round(wall, 1)}
+        _write_atomic(args.report, json.dumps({**meta, "variants": [r.record() for r in results]}, indent=1) + "\n")
+        print(f"report: {len(results)} records -> {args.report}")
+    if args.csv:
+        _write_atomic(args.csv, summary_csv(results))
+        print(f"summary CSV: {len(results)} rows -> {args.csv}")
+    return status
+
+
+def _triton_version() -> str:
+    import triton
+
+    return triton.__version__
 
 
 def _report(results: list[Result], limit: int, args, wall: float) -> int:
-    autotuned = {"_gemm_bias_act_kernel", "_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
+    autotuned = {name for name in KERNELS if hasattr(getattr(_module(KERNELS[name]), name), "configs")}
     for r in results:
-        _classify(r, limit, r.variant.kernel in autotuned)
+        _classify(r, limit, r.variant.kernel in autotuned, args.arch)
     for r in results:
         if args.verbose or not r.ok or r.flags:
             print(_row(r, limit))
@@ -534,9 +811,14 @@ def _report(results: list[Result], limit: int, args, wall: float) -> int:
                 lines = r.error.splitlines()  # Triton's message: source excerpt first, the reason last
                 lines = lines if len(lines) <= 40 else [*lines[:8], "...", *lines[-30:]]
                 print("    " + "\n    ".join(lines))
+            for w in r.ptxas_warnings:
+                print(f"    {w}")
+            for d in r.warpgroup_dup:
+                print(f"    duplicated MMA work: {d}")
     print(f"\nsummary (sm_{args.arch}, shared-memory limit {limit} bytes per block):")
     print(f"{'kernel':<30} {'variants':>8} {'ok':>5} {'errors':>6} {'smem>lim':>8} {'spilling':>8} "
-          f"{'regs min-max':>12} {'smem max':>9} {'compile s':>9}")  # fmt: skip
+          f"{'mma.sync':>8} {'warned':>6} {'dup':>4} {'regs min-max':>12} {'smem max':>9} "
+          f"{'compile s':>9}")  # fmt: skip
     for name in KERNELS:
         rs = [r for r in results if r.variant.kernel == name]
         if not rs:
@@ -545,8 +827,20 @@ def _report(results: list[Result], limit: int, args, wall: float) -> int:
         regs = [r.registers for r in ok if r.registers is not None]
         reg_range = f"{min(regs)}-{max(regs)}" if regs else "-"
         print(f"{name:<30} {len(rs):>8} {len(ok):>5} {len(rs) - len(ok):>6} "
-              f"{sum(r.shared > limit for r in ok):>8} {sum(r.spill_stores > 0 for r in ok):>8} {reg_range:>12} "
+              f"{sum(r.shared > limit for r in ok):>8} {sum(r.spill_stores > 0 for r in ok):>8} "
+              f"{sum(r.mma_sync > 0 for r in ok):>8} {sum(bool(r.ptxas_warnings) for r in ok):>6} "
+              f"{sum(bool(r.warpgroup_dup) for r in ok):>4} {reg_range:>12} "
               f"{max((r.shared for r in ok), default=0):>9} {sum(r.seconds for r in rs):>9.1f}")  # fmt: skip
+    if pairs := dropout_costs(results):
+        print("\ndropout cost (compile-time evidence): SASS main-loop instructions added per score element")
+        print(f"{'kernel':<30} {'dtype':<5} {'tile':<14} {'loop off':>8} {'loop on':>8} {'elem/thread':>11} "
+              f"{'added/elem':>10}")  # fmt: skip
+        for on, off, cost in pairs:
+            c, v = on.variant.constexprs, on.variant
+            tile = f"{c['BLOCK_M']}x{c['BLOCK_N']} w{v.num_warps}/s{v.num_stages}"
+            loops = f"{off.sass_loop_instructions:>8} {on.sass_loop_instructions:>8}"
+            print(f"{v.kernel:<30} {v.act:<5} {tile:<14} {loops} "
+                  f"{score_elements_per_thread(on):>11.0f} {cost:>10.1f}  {v.shapes}")  # fmt: skip
     errors = [r for r in results if not r.ok]
     fatal_smem = [r for r in results if r.ok and r.shared > limit and r.variant.kernel not in autotuned]
     print(f"\n{len(results)} variants, {len(errors)} compile errors, wall {wall:.1f} s")

@@ -1,16 +1,21 @@
 """Flash-style fused attention with key padding / variable length and dropout, forward and backward.
 
 Fused: S = Q·Kᵀ·scale, key padding (or per-sequence bounds in the varlen layout), online softmax in fp32,
-dropout on the probabilities (1/(1-p) rescale), ·V — without materialising any [T, T] tensor. Backward
-recomputes the probabilities from Q, K and the saved row logsumexp (fp32 [B, h, T] / [h, total]); no
-probabilities and no dropout mask are stored. Backward = a small pass for delta = rowsum(dO ∘ O), a
-dK/dV pass (one program per key block, looping over query blocks) and a dQ pass (one program per query
-block, looping over key blocks): no atomics, so autotuning (which re-runs kernels) is safe.
+dropout on the probabilities (rescaled by 1 / the exact keep probability), ·V — without materialising any
+[T, T] tensor. Backward recomputes the probabilities from Q, K and the saved row logsumexp (fp32 [B, h, T] /
+[h, total]); no probabilities and no dropout mask are stored. Backward = a small pass for delta = rowsum(dO ∘ O),
+then by default FlashAttention-2's scheme: one program per key block, looping over the query blocks, S, P and
+the dropout bits once per (query block, key block) pair, dK and dV accumulated in registers and dQ added into
+an fp32 buffer with atomics (zeroed before every autotune trial). `deterministic=True` (or
+`torch.use_deterministic_algorithms(True)`, or FASTBERT_DETERMINISTIC_ATTENTION=1 at import) runs the two-pass
+backward instead: a dK/dV pass (per key block) and a dQ pass (per query block), no atomics, bitwise repeatable,
+at 7 instead of 5 matrix products per block pair.
 
 Bytes moved (e = element size, N = B·T·h·d·e): forward reads Q once and K, V once per query block
 (mostly from L2), writes O (N) and the fp32 logsumexp (4·B·h·T); backward reads Q, K, V, O, dO and the
-logsumexp and writes dQ, dK, dV — never an O(T²) tensor. FLOPs: 4·B·h·Tq·Tk·d forward,
-10·B·h·Tq·Tk·d backward (the recomputation of S included).
+logsumexp and writes dQ, dK, dV (the default path also adds into and reads back an fp32 dQ, 2·4/e·N) — never
+an O(T²) tensor. FLOPs (2 per multiply-add): forward 4·B·h·Tq·Tk·d (Q·Kᵀ, P·V); backward 10·B·h·Tq·Tk·d by
+default (Q·Kᵀ, dO·Vᵀ, Pᵀ·dO, dSᵀ·Q, dS·K), 14·B·h·Tq·Tk·d with deterministic=True (S and dP computed twice).
 
 Layouts:
 - padded: q, k, v [B, T, h, d] (k, v may have their own length S), key_padding_mask bool [B, S]
@@ -21,10 +26,12 @@ Layouts:
 q, k, v need a contiguous last dim only: views into one packed [B, T, 3, h, d] QKV buffer are read in
 place (no copy). Outputs and gradients are contiguous.
 
-Dropout: Philox (`tl.rand`), regenerated in backward. Keep-mask scheme (see `kernels._attention_dropout`):
-key (seed, b·h + head), counter i·row_stride + j with row_stride = S (padded) or max_seqlen (varlen), so a
-padded call with T == max_seqlen and the varlen call of the same batch and seed drop the same entries.
-`attention_dropout_mask(seed, B, h, Tq, Tk, p)` / `attention_dropout_mask_varlen(...)` rebuild the mask.
+Dropout: counter-based Philox-4x32-7, regenerated in backward, 8 16-bit draws per call (see
+`kernels._attention_dropout`): key (seed, b·h + head), counter from (query row i, key column j) counted in the
+sequence, so the padded call and the varlen call of the same batch and seed drop the same entries, whatever the
+tile config. dropout_p is applied as t / 65536 with t = round(65536·p) (within 2**-17 of p) and kept entries are
+scaled by 65536 / (65536 - t): unbiased. `attention_dropout_mask(seed, B, h, Tq, Tk, p)` /
+`attention_dropout_mask_varlen(...)` rebuild the mask.
 
 Dtypes: fp32 / fp16 / bf16 in and out (one dtype for q, k, v), fp32 accumulation; fp32 matmuls run in
 IEEE fp32 (no TF32). Head dims 16..128 (padded to a power of two inside the kernel, masked).
@@ -35,17 +42,22 @@ else the plain-PyTorch reference with the same Philox keep-mask (same result as 
 but it materialises [B, h, T, T]). bf16 on the interpreter also takes the reference path, with a warning
 (the interpreter's bf16 tl.dot is wrong).
 
-Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no
-MQA/GQA (q, k, v share the head count). The padded layout still computes the padded query rows and
-visits padded key blocks (masked): use the varlen layout to skip padding. Dropout needs
-Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only).
-The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per
-tensor (cached by identity and version) and are skipped while torch.compile traces.
+Caution: no causal masking, no attention bias other than key padding, no head-dim > 128 or < 16, no MQA/GQA (q,
+k, v share the head count). The padded layout still computes the padded query rows and visits padded key blocks
+(masked): use the varlen layout to skip padding. Only the last, partial key block is bounds-checked in the
+forward; with a padding mask every key block reads its mask bytes. The default backward's dQ sums come in a run-
+dependent order (fp32 atomics): use deterministic=True for bitwise repeatability. 16-bit calls with head dim >
+64 always run the two-pass backward: no one-pass tile compiles without spilling there (dK and dV alone fill half
+the register file). Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
+cu_seqlens (self-attention only). The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read
+cu_seqlens on the host once per tensor (cached by identity and version) and are skipped while torch.compile
+traces.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import torch
@@ -57,7 +69,11 @@ from kernels._attention_dropout import (
     MAX_OFFSETS,
     attention_dropout_mask,
     attention_dropout_mask_varlen,
-    dropout_keep,
+    dropout_keep_tile,
+    dropout_keep_tile_t,
+    dropout_threshold,
+    effective_dropout_p,
+    keep_scale,
 )
 from kernels._common import (
     FLOAT_DTYPES,
@@ -96,44 +112,55 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 
 # Autotune configs (BLOCK_M, BLOCK_N, num_warps, num_stages) for Hopper (sm_90), one list per kernel, dtype class
 # (fp32 / 16-bit) and BLOCK_D. Chosen from compile-time data only — `python -m kernels.aot_check` (registers,
-# spills, shared memory from the ptxas bundled with triton) — NOT from GPU timings: a GPU session must still time
-# them and may drop slow ones. Rule: in the main switch combinations (key padding + dropout, varlen + dropout) no
-# config in a list spills more than a few bytes or needs more than the 227 KB of shared memory per block.
+# spills, shared memory, MMA family, warp layouts, from the ptxas / nvdisasm bundled with triton) — NOT from GPU
+# timings: a GPU session must still time them and may drop slow ones. Rules for the 16-bit lists (fp16 compiled,
+# key padding + dropout; `--gate` checks them all): every config lowers to wgmma (no mma.sync), no ptxas warning
+# (C7515: wgmma serialized), every warpgroup owns >= 64 rows of each product (4 warps for 64-row products, 8 warps
+# only with 128-row ones: 8 warps on a 64-row tile make both warpgroups compute the same rows), at most a few bytes
+# of spill, shared memory within the 227 KB per block.
 # What the data showed:
 # - fp32 (IEEE dots: FMAs, no tensor cores) needs far more registers: most tiles of 64 rows or more spill
-#   kilobytes from d = 64, and which small tiles stay clean is irregular (forward 32×32 with 8 warps spills at
-#   d = 128 while 32×64 does not). fp32 is the exactness path, not the fast one: small tiles only.
-# - fp16/bf16: register use grows with BLOCK_D. In dK/dV (BLOCK_N keys per program, BLOCK_M query rows per step)
-#   two fp32 [BLOCK_N, d] accumulators live beside K and V: 128×64 and 64×128 spill hundreds of bytes from d = 64,
-#   4-warp 64×64 a few; 8 warps (two warpgroups) halve the registers per thread and make 128×32, 64×32, 32×128
-#   and 64×64 (3-4 stages, d = 64; 4 B of spill in the varlen variant, kept) clean. 128-row tiles stay where
-#   they are clean: forward 128×64 with 8 warps (4 warps spill from d = 64), dQ 128×64 with 8 warps.
+#   kilobytes from d = 64, and which small tiles stay clean is irregular. fp32 is the exactness path, not the
+#   fast one: small tiles only.
+# - forward: 128×64 and 128×128 with 8 warps and 64×64 / 64×128 with 4 warps are clean at every head dim;
+#   128×128 with 4 warps (FA2 / the Triton tutorial) spills kilobytes from d = 32 and 128×64 with 4 warps from
+#   d = 64, so those stay out.
+# - one-pass backward (`bwd`: the products are Kᵀ-side [BLOCK_N, ·] and the dQ product [BLOCK_M, d]): both block
+#   sizes >= 64, and 8 warps only with BLOCK_N = 128; at d = 32 / 64 64×64 with 4 warps and 64×128 with 8 are
+#   clean, 128-row query blocks and 4-warp 128-key blocks spill. At d = 128 every candidate spills (dK and dV
+#   alone are 128 fp32 registers a thread): the 16-bit d = 128 list is empty and the launcher runs the two-pass
+#   backward there (its kernels have clean tiles).
+# - two-pass backward: dK/dV (BLOCK_N keys per program) 64×64 / 32×64 with 4 warps, 64×128 / 32×128 with 8;
+#   dQ (BLOCK_M queries per program) 64-row tiles with 4 warps, 128-row tiles with 8.
 # Head dims 16 and 32 share the BLOCK_D = 32 lists (d = 16 is not compiled separately: a smaller BLOCK_D should
 # only lower register use).
 _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 32): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 4, 4),
                   (64, 128, 4, 2), (128, 32, 4, 3)],
-    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+    ("fwd", 64): [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3),
                   (64, 64, 4, 4), (64, 128, 4, 2)],
-    ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3),
-                   (64, 64, 4, 4), (64, 32, 4, 3)],
-    ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 3),
-                   (32, 128, 8, 2), (64, 32, 4, 3)],
-    ("dkdv", 64): [(64, 64, 8, 3), (64, 64, 8, 4), (128, 32, 8, 2), (128, 32, 8, 3), (32, 64, 4, 3),
-                   (32, 128, 8, 2), (64, 32, 8, 2)],
-    ("dkdv", 128): [(128, 32, 8, 2), (128, 32, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3), (32, 64, 8, 2),
-                    (32, 64, 8, 3), (32, 128, 8, 2)],
+    ("fwd", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (128, 32, 8, 3),
+                   (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
+    ("bwd", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
+    ("bwd", 64): [(64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3)],
+    ("bwd", 128): [],  # nothing clean: two-pass backward
+    ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
+                   (32, 128, 4, 2)],
+    ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
+    ("dkdv", 128): [(32, 128, 8, 2), (32, 64, 4, 3)],
     ("dq", 32): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                 (32, 64, 4, 3)],
+                 (64, 32, 4, 3), (128, 32, 4, 2)],
     ("dq", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                 (64, 64, 8, 3), (32, 128, 8, 2)],
-    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
-                  (64, 32, 8, 2)],
+                 (64, 32, 4, 3), (128, 32, 4, 2)],
+    ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
 }  # fmt: skip
 _TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("fwd", 32): [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
     ("fwd", 64): [(64, 32, 8, 3), (32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
     ("fwd", 128): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    ("bwd", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("bwd", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
+    ("bwd", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     ("dkdv", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
     ("dkdv", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
     ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
@@ -155,7 +182,7 @@ def _tile(c: triton.Config) -> tuple[int, int, int, int]:
 
 
 def attn_tiles(kernel: str, dtype: torch.dtype, block_d: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for `kernel` ("fwd", "dkdv", "dq") at this
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner tries for `kernel` ("fwd", "bwd", "dkdv", "dq") at this
     dtype and BLOCK_D; the single interpreter tile under TRITON_INTERPRET=1."""
     if interpreter_on():
         return [_INTERPRETER_TILE]
@@ -218,23 +245,62 @@ def _seq_bounds(CU, b, Tq, Tk, VARLEN: tl.constexpr):
 
 
 @triton.jit
-def _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr):
-    ok = cols < len_k
-    if HAS_MASK:
-        ok &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=cols < len_k, other=0) != 0
-    return ok
+def _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK: tl.constexpr, BOUNDARY: tl.constexpr):
+    """0 for a real key, -inf for padding or a column past the sequence: added to the base-2 logits, where it
+    fuses with the softmax scale into one FMA (no select per score element)."""
+    if BOUNDARY:
+        ok = cols < len_k
+        if HAS_MASK:
+            ok &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=cols < len_k, other=0) != 0
+    else:  # a full block: only the padding mask can remove a key
+        ok = tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols) != 0
+    return tl.where(ok, 0.0, float("-inf"))
 
 
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, row_start, offs_d, d_ok, start_n, len_k, Tk,
+    sk_t, sv_t, qk_scale, drop_t,
+    BOUNDARY: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # One key block of the online softmax. BOUNDARY: the last, partial block (columns past len_k masked); the
+    # full blocks before it load without bounds and, without a padding mask, add no bias at all.
+    cols = start_n + tl.arange(0, BLOCK_N)
+    if BOUNDARY:
+        n_ok = cols < len_k
+        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+    else:
+        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=d_ok[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=d_ok[None, :], other=0.0)
+    s = _dot(q, kT, IEEE)  # (BLOCK_M, BLOCK_N) fp32
+    if BOUNDARY or HAS_MASK:
+        s = s * qk_scale + _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK, BOUNDARY)[None, :]
+    else:
+        s = s * qk_scale  # base-2 logits
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: avoid inf - inf
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
+    if HAS_DROPOUT:  # the 1 / keep-probability rescale is applied once, to the output
+        p = tl.where(dropout_keep_tile(seed, bh, row_start, start_n, drop_t, q.shape[0], BLOCK_N), p, 0.0)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    return acc, l_i, m_new
+
+
+# Forward FLOPs: 4·Tq·Tk·d per (sequence, head) — Q·Kᵀ and P·V, 2·Tq·Tk·d each.
 @triton.autotune(
     configs=_configs("fwd"),
     key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune("fwd")},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, so_b, so_t, so_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, p_drop, inv_keep, SEQ_BUCKET,
+    H, Tq, Tk, D, qk_scale, drop_t, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -248,7 +314,6 @@ def _attn_fwd_kernel(
     if pid_m * BLOCK_M >= len_q:
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < len_q
     d_ok = offs_d < D
@@ -260,28 +325,21 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, len_k, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < len_k
-        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
-        kT = tl.load(k_base + cols[None, :] * sk_t + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
-        s = _dot(q, kT, IEEE) * qk_scale  # (BLOCK_M, BLOCK_N) fp32, base-2 logits
-        s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no real key yet: avoid inf - inf
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
-        if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
-            p = tl.where(keep, p * inv_keep, 0.0)
-        v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
-        m_i = m_new
+    n_full = (len_k // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):  # full key blocks: no bounds checks
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, pid_m * BLOCK_M, offs_d, d_ok, start_n, len_k, Tk,
+            sk_t, sv_t, qk_scale, drop_t, False, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
+        )  # fmt: skip
+    if n_full < len_k:  # the boundary block
+        acc, l_i, m_i = _fwd_block(
+            acc, l_i, m_i, q, k_base, v_base, KEEP_KEY, seed, b, bh, pid_m * BLOCK_M, offs_d, d_ok, n_full, len_k, Tk,
+            sk_t, sv_t, qk_scale, drop_t, True, HAS_MASK, HAS_DROPOUT, IEEE, BLOCK_N,
+        )  # fmt: skip
 
     l_ok = l_i > 0.0
     l_safe = tl.where(l_ok, l_i, 1.0)
-    out = acc * tl.where(l_ok, 1.0 / l_safe, 0.0)[:, None]  # no real key: zeros
+    out = acc * tl.where(l_ok, inv_keep / l_safe, 0.0)[:, None]  # no real key: zeros
     lse = tl.where(l_ok, m_i + tl.log2(l_safe), 0.0)  # base 2; 0 for empty rows (their p is 0 anyway)
     o_base = O + b.to(tl.int64) * so_b + head.to(tl.int64) * so_h + q_start.to(tl.int64) * so_t
     tl.store(o_base + offs_m[:, None] * so_t + offs_d[None, :], out.to(O.dtype.element_ty),
@@ -317,23 +375,65 @@ def _attn_bwd_delta_kernel(
     tl.store(l_base + offs_m, tl.sum(o * do, 1), mask=offs_m < len_q)
 
 
-# Backward, with P = softmax(S), Z the keep-mask, Pd = Z ∘ P / (1-p), O = Pd·V:
-#   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / (1-p)      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
+# Backward, with P = softmax(S), Z the keep-mask, q the keep probability, Pd = Z ∘ P / q, O = Pd·V:
+#   dV = Pdᵀ·dO      dP = Z ∘ (dO·Vᵀ) / q      dS = P ∘ (dP - delta),  delta = rowsum(dO ∘ O)
 #   dQ = scale · dS·K      dK = scale · dSᵀ·Q
-# P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp.
-@triton.autotune(
-    configs=_configs("dkdv"),
-    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
-    prune_configs_by={"early_config_prune": _prune("dkdv")},
-)
-@triton.jit(do_not_specialize=["seed"])
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
+# P is recomputed as exp2(S·log2e - lse2) from the saved base-2 logsumexp. Rows past the sequence load
+# lse = +inf, so their P is exactly 0 without a select; padded keys get a -inf logit bias (one FMA).
+#
+# The default backward (`_attn_bwd_kernel`, FlashAttention-2's scheme): one program per key block, a loop over
+# the query blocks; per (query block, key block) pair S, P and the dropout bits once and 5 products —
+# S = K·Qᵀ, dP = V·dOᵀ, dV += Pdᵀ·dO, dK += dSᵀ·Q, dQ += dS·K — with dK, dV in registers and dQ added into an
+# fp32 buffer with atomics: 10·Tq·Tk·d FLOPs per (sequence, head). Atomic adds make the order of the dQ sums,
+# hence its last bits, vary from run to run.
+# The deterministic backward (`deterministic=True`): a dK/dV kernel (per key block, looping over query blocks:
+# S, dP, dV, dK) and a dQ kernel (per query block, looping over key blocks: S, dP, dQ) — no atomics, bitwise
+# repeatable, but S, P, dP and the dropout bits are computed twice: 7 products, 14·Tq·Tk·d FLOPs.
+@triton.jit
+def _bwd_kv_step(
+    dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m, start_n,
+    offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
+    HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = start_m + offs_m
+    m_ok = rows < len_q
+    qd_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
+    # The keep-scale 1/q rides in the exponent: pT_s = P / q = exp2(S - lse + log2(1/q)) (a per-row shift), so
+    #   Pd = Z ∘ pT_s,   dS = P ∘ (Z ∘ dP_raw / q - delta) = Pd ∘ dP_raw - pT_s ∘ (q · delta)
+    # with dP_raw = dO·Vᵀ: dropout costs one select per element (no rescale of dP, none of dV after the loop).
+    lse = tl.load(LSE + l_base + rows, mask=m_ok, other=float("inf"))
+    delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
+    if HAS_DROPOUT:
+        lse -= tl.log2(inv_keep)
+        delta /= inv_keep
+    sT = _dot(k, tl.trans(q), IEEE) * qk_scale + kbias[:, None]  # (BLOCK_N, BLOCK_M) base-2 logits
+    pT = tl.exp2(sT - lse[None, :])  # P / q
+    dpT = _dot(v, tl.trans(do), IEEE)  # dP before dropout
+    if HAS_DROPOUT:
+        keepT = dropout_keep_tile_t(seed, bh, start_m, start_n, drop_t, offs_m.shape[0], BLOCK_N)  # (BLOCK_N, BLOCK_M)
+        pdT = tl.where(keepT, pT, 0.0)
+        dsT = pdT * dpT - pT * delta[None, :]
+    else:
+        pdT = pT
+        dsT = pT * (dpT - delta[None, :])
+    dv += _dot(pdT.to(do.dtype), do, IEEE)
+    dk += _dot(dsT.to(q.dtype), q, IEEE)
+    if ATOMIC_DQ:
+        dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE)  # (BLOCK_M, BLOCK_D), softmax scale applied on the host
+        tl.atomic_add(dq_base + rows[:, None] * sdq_t + offs_d[None, :], dq, mask=qd_ok, sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _bwd_kv_program(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
-    sdk_b, sdk_t, sdk_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (sequence, head); loops over all query blocks. Works transposed
     # ([BLOCK_N, BLOCK_M] tiles) so dK and dV accumulate without transposing the products.
@@ -344,12 +444,13 @@ def _attn_bwd_dkdv_kernel(
     q_start, k_start, len_q, len_k = _seq_bounds(CU, b, Tq, Tk, VARLEN)
     if pid_n * BLOCK_N >= len_k:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < len_k
     d_ok = offs_d < D
-    key_ok = _key_ok(KEEP_KEY, b, offs_n, len_k, Tk, HAS_MASK)
+    kbias = _key_bias(KEEP_KEY, b, offs_n, len_k, Tk, HAS_MASK, True)  # once per program, not per block pair
     kd_ok = n_ok[:, None] & d_ok[None, :]
     k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
     v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
@@ -357,31 +458,17 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_base + offs_n[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
     q_base = Q + b.to(tl.int64) * sq_b + head.to(tl.int64) * sq_h + q_start.to(tl.int64) * sq_t
     do_base = DO + b.to(tl.int64) * sdo_b + head.to(tl.int64) * sdo_h + q_start.to(tl.int64) * sdo_t
+    dq_base = DQ + b.to(tl.int64) * sdq_b + head.to(tl.int64) * sdq_h + q_start.to(tl.int64) * sdq_t
     l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, len_q, BLOCK_M):
-        rows = start_m + offs_m
-        m_ok = rows < len_q
-        qd_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + rows[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
-        lse = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0)
-        delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-        sT = _dot(k, tl.trans(q), IEEE) * qk_scale  # (BLOCK_N, BLOCK_M)
-        sT = tl.where(key_ok[:, None] & m_ok[None, :], sT, float("-inf"))
-        pT = tl.exp2(sT - lse[None, :])
-        dpT = _dot(v, tl.trans(do), IEEE)
-        if HAS_DROPOUT:
-            keepT = dropout_keep(seed, bh, rows[None, :] * row_stride + offs_n[:, None], p_drop)
-            pdT = tl.where(keepT, pT * inv_keep, 0.0)
-            dpT = tl.where(keepT, dpT * inv_keep, 0.0)
-        else:
-            pdT = pT
-        dv += _dot(pdT.to(do.dtype), do, IEEE)
-        dsT = pT * (dpT - delta[None, :])
-        dk += _dot(dsT.to(q.dtype), q, IEEE)
+        dk, dv = _bwd_kv_step(
+            dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m,
+            start_n, offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
+            HAS_DROPOUT, IEEE, ATOMIC_DQ, BLOCK_N,
+        )  # fmt: skip
 
     dk_base = DK + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
     dv_base = DV + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
@@ -391,20 +478,70 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(
+    configs=_configs("bwd"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("bwd")},
+    reset_to_zero=["DQ"],  # dQ is accumulated with atomics: every autotune trial starts from zeros
+)
+@triton.jit(do_not_specialize=["seed", "drop_t"])
+def _attn_bwd_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # dK, dV of BLOCK_N keys, and their share of dQ added into the fp32 buffer DQ (zeroed by the launcher).
+    _bwd_kv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+        sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
+        H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, True, BLOCK_D, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.autotune(
+    configs=_configs("dkdv"),
+    key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
+    prune_configs_by={"early_config_prune": _prune("dkdv")},
+)
+@triton.jit(do_not_specialize=["seed", "drop_t"])
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, KEEP_KEY, CU, seed,
+    sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+    sdk_b, sdk_t, sdk_h, sl_b, sl_h,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
+    VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # Deterministic backward, pass 1: dK and dV only (4 products per block pair, no atomics).
+    _bwd_kv_program(
+        Q, K, V, DO, LSE, DELTA, DK, DV, Q, KEEP_KEY, CU, seed,
+        sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
+        sdk_b, sdk_t, sdk_h, 0, 0, 0, sl_b, sl_h,
+        H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, False, BLOCK_D, BLOCK_M, BLOCK_N,
+    )  # fmt: skip
+
+
+@triton.autotune(
     configs=_configs("dq"),
     key=["D", "SEQ_BUCKET", "VARLEN", "HAS_DROPOUT"],
     prune_configs_by={"early_config_prune": _prune("dq")},
 )
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, KEEP_KEY, CU, seed,
     sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
     sdq_b, sdq_t, sdq_h, sl_b, sl_h,
-    H, Tq, Tk, D, row_stride, qk_scale, sm_scale, p_drop, inv_keep, SEQ_BUCKET,
+    H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep, SEQ_BUCKET,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    # One program: BLOCK_M queries of one (sequence, head); loops over all key blocks.
+    # Deterministic backward, pass 2: one program per BLOCK_M queries, looping over all key blocks
+    # (3 products per block pair: S, dP and dQ).
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -423,7 +560,7 @@ def _attn_bwd_dq_kernel(
     q = tl.load(q_base + offs_m[:, None] * sq_t + offs_d[None, :], mask=qd_ok, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdo_t + offs_d[None, :], mask=qd_ok, other=0.0)
     l_base = b.to(tl.int64) * sl_b + head.to(tl.int64) * sl_h + q_start.to(tl.int64)
-    lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + l_base + offs_m, mask=m_ok, other=float("inf"))
     delta = tl.load(DELTA + l_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b.to(tl.int64) * sk_b + head.to(tl.int64) * sk_h + k_start.to(tl.int64) * sk_t
     v_base = V + b.to(tl.int64) * sv_b + head.to(tl.int64) * sv_h + k_start.to(tl.int64) * sv_t
@@ -432,17 +569,16 @@ def _attn_bwd_dq_kernel(
     for start_n in range(0, len_k, BLOCK_N):
         cols = start_n + offs_n
         n_ok = cols < len_k
-        key_ok = _key_ok(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK)
         kd_ok = n_ok[:, None] & d_ok[None, :]
         k = tl.load(k_base + cols[:, None] * sk_t + offs_d[None, :], mask=kd_ok, other=0.0)
         v = tl.load(v_base + cols[:, None] * sv_t + offs_d[None, :], mask=kd_ok, other=0.0)
-        s = _dot(q, tl.trans(k), IEEE) * qk_scale  # (BLOCK_M, BLOCK_N)
-        s = tl.where(key_ok[None, :], s, float("-inf"))
+        kbias = _key_bias(KEEP_KEY, b, cols, len_k, Tk, HAS_MASK, True)
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale + kbias[None, :]  # (BLOCK_M, BLOCK_N)
         p = tl.exp2(s - lse[:, None])
         dp = _dot(do, tl.trans(v), IEEE)
         if HAS_DROPOUT:
-            keep = dropout_keep(seed, bh, offs_m[:, None] * row_stride + cols[None, :], p_drop)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            keep = dropout_keep_tile(seed, bh, pid_m * BLOCK_M, start_n, drop_t, BLOCK_M, BLOCK_N)
+            dp = tl.where(keep, dp, 0.0) * inv_keep
         ds = p * (dp - delta[:, None])
         dq += _dot(ds.to(k.dtype), k, IEEE)
 
@@ -487,7 +623,7 @@ def _flash_attn_fwd(
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     varlen = cu_seqlens is not None
-    B, H, Tq, Tk, row_stride, lse_shape, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    B, H, Tq, Tk, _, lse_shape, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
@@ -501,9 +637,9 @@ def _flash_attn_fwd(
         seed_value(seed),
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(out, varlen),
         sl_b, sl_h,
-        H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
+        H, Tq, Tk, D, softmax_scale * LOG2E, dropout_threshold(dropout_p), keep_scale(dropout_p),
         _seq_bucket(max(Tq, Tk)),
-        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         IEEE=q.dtype == torch.float32,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
     )  # fmt: skip
@@ -533,10 +669,13 @@ def _flash_attn_bwd_into(
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    deterministic: bool = False,
 ) -> None:
-    """The backward launches, writing into dq, dk, dv (any strides with a unit last one; dk and dv alike)."""
+    """The backward launches, writing into dq, dk, dv (any strides with a unit last one; dk and dv alike).
+    `deterministic`: the two-pass dK/dV + dQ kernels (7 products per block pair, no atomics) instead of the
+    one-pass kernel (5 products, dQ accumulated with fp32 atomics)."""
     varlen = cu_seqlens is not None
-    B, H, Tq, Tk, row_stride, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
+    B, H, Tq, Tk, _, _, (sl_b, sl_h) = _geometry(q, k, cu_seqlens, max_seqlen)
     D = q.shape[-1]
     if do.stride(-1) != 1:
         do = do.contiguous()
@@ -553,15 +692,25 @@ def _flash_attn_bwd_into(
         VARLEN=varlen, BLOCK_M=64, BLOCK_D=block_d,
     )  # fmt: skip
     common = dict(
-        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        VARLEN=varlen, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         IEEE=q.dtype == torch.float32, BLOCK_D=block_d,
     )  # fmt: skip
-    scalars = (H, Tq, Tk, D, row_stride, softmax_scale * LOG2E, softmax_scale, dropout_p,
-               1.0 / (1.0 - dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
+    scalars = (H, Tq, Tk, D, softmax_scale * LOG2E, softmax_scale, dropout_threshold(dropout_p),
+               keep_scale(dropout_p), _seq_bucket(max(Tq, Tk)))  # fmt: skip
     mask_arg = keep_key.view(torch.uint8) if keep_key is not None else q
     cu_arg = cu_seqlens if varlen else q
     in_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
-    _attn_bwd_dkdv_kernel[lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)](
+    kv_grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)
+    if not deterministic and attn_tiles("bwd", q.dtype, block_d):  # 16-bit d = 128: no clean one-pass tile
+        # One pass, 5 products per block pair; dQ accumulates in fp32 (zeros: the kernel adds into it).
+        dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        _attn_bwd_kernel[kv_grid](
+            q, k, v, do, lse, delta, dk, dv, dq_acc, mask_arg, cu_arg, seed_value(seed),
+            *in_strides, *_strides3(dk, varlen), *_strides3(dq_acc, varlen), sl_b, sl_h, *scalars, **common,
+        )  # fmt: skip
+        dq.copy_(dq_acc.mul_(softmax_scale))
+        return
+    _attn_bwd_dkdv_kernel[kv_grid](
         q, k, v, do, lse, delta, dk, dv, mask_arg, cu_arg, seed_value(seed),
         *in_strides, *_strides3(dk, varlen), sl_b, sl_h, *scalars, **common,
     )  # fmt: skip
@@ -585,10 +734,11 @@ def _flash_attn_bwd(
     dropout_p: float,
     softmax_scale: float,
     seed: torch.Tensor,
+    deterministic: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
     _flash_attn_bwd_into(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed,
-                         dq, dk, dv)  # fmt: skip
+                         dq, dk, dv, deterministic)  # fmt: skip
     return dq, dk, dv
 
 
@@ -604,21 +754,22 @@ def _flash_attn_bwd_qkvpacked(
     dropout_p: float,
     softmax_scale: float,
     seed: torch.Tensor,
+    deterministic: bool = False,
 ) -> torch.Tensor:
     """dqkv [..., 3, h, d] in one buffer (the layout of qkv): dq, dk, dv written in place, no concatenation."""
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     _flash_attn_bwd_into(do, *qkv.unbind(-3), out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale,
-                         seed, *dqkv.unbind(-3))  # fmt: skip
+                         seed, *dqkv.unbind(-3), deterministic)  # fmt: skip
     return dqkv
 
 
 @_flash_attn_bwd_qkvpacked.register_fake
-def _(do, qkv, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+def _(do, qkv, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
     return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
 
 
 @_flash_attn_bwd.register_fake
-def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
     return (
         torch.empty(q.shape, dtype=q.dtype, device=q.device),
         torch.empty(k.shape, dtype=k.dtype, device=k.device),
@@ -628,19 +779,21 @@ def _(do, q, k, v, out, lse, keep_key, cu_seqlens, max_seqlen, dropout_p, softma
 
 class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    def forward(ctx, q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
         out, lse = _flash_attn_fwd(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, keep_key, cu_seqlens, seed)
         ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, out, lse, keep_key, cu_seqlens, seed = ctx.saved_tensors
         dq, dk, dv = _flash_attn_bwd(
-            do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
+            do, q, k, v, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed,
+            ctx.deterministic,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None
 
 
 class FlashAttnQKVPackedFunction(torch.autograd.Function):
@@ -648,20 +801,22 @@ class FlashAttnQKVPackedFunction(torch.autograd.Function):
     fused QKV projection's backward reads as ``[M, 3H]`` directly (no torch.cat of dq, dk, dv)."""
 
     @staticmethod
-    def forward(ctx, qkv, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed):
+    def forward(ctx, qkv, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic=False):
         q, k, v = qkv.unbind(-3)
         out, lse = _flash_attn_fwd(q, k, v, keep_key, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
         ctx.save_for_backward(qkv, out, lse, keep_key, cu_seqlens, seed)
         ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale = max_seqlen, dropout_p, softmax_scale
+        ctx.deterministic = deterministic
         return out
 
     @staticmethod
     def backward(ctx, do):
         qkv, out, lse, keep_key, cu_seqlens, seed = ctx.saved_tensors
         dqkv = _flash_attn_bwd_qkvpacked(
-            do, qkv, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed
+            do, qkv, out, lse, keep_key, cu_seqlens, ctx.max_seqlen, ctx.dropout_p, ctx.softmax_scale, seed,
+            ctx.deterministic,
         )
-        return dqkv, None, None, None, None, None, None
+        return dqkv, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -700,7 +855,20 @@ def _check_scale(softmax_scale: object, d: int) -> float:
 
 def _check_offsets(Tq: int, row_stride: int, dropout_p: float) -> None:
     if dropout_p > 0.0 and Tq * row_stride > MAX_OFFSETS:
-        raise ValueError(f"sequence too long for dropout: Tq·Tk = {Tq * row_stride} overflows the int32 Philox offsets")
+        raise ValueError(f"sequence too long for dropout: Tq·Tk = {Tq * row_stride} is over the limit 2**31 - 1")
+
+
+# FASTBERT_DETERMINISTIC_ATTENTION=1 (read once, at import: a training script sets it before importing)
+# makes deterministic=None mean True.
+_DETERMINISTIC_ENV = os.environ.get("FASTBERT_DETERMINISTIC_ATTENTION", "0") == "1"
+
+
+def _check_deterministic(deterministic: object) -> bool:
+    if deterministic is None:
+        return _DETERMINISTIC_ENV or torch.are_deterministic_algorithms_enabled()
+    if not isinstance(deterministic, bool):
+        raise ValueError(f"deterministic must be a bool or None, got {deterministic!r}")
+    return deterministic
 
 
 # cu_seqlens tensors whose values were already checked, with the (version, total, max_seqlen) checked:
@@ -773,11 +941,17 @@ def fused_attention(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """softmax(Q·Kᵀ·scale, padded keys removed) with dropout, ·V. q [B, Tq, h, d], k/v [B, Tk, h, d].
 
-    key_padding_mask: bool [B, Tk] (True = real token), additive float [B, 1, 1, Tk], or None.
-    softmax_scale defaults to 1/√d. seed: int in [0, 2**31) or None (drawn from torch's generator).
+    key_padding_mask: bool [B, Tk] (True = real token), additive float [B, 1, 1, Tk] (0 = real token,
+    very negative = padding), or None. softmax_scale defaults to 1/√d. seed: int in [0, 2**31) or None
+    (drawn from torch's generator). dropout_p is applied as t / 65536, t = round(65536·p), and kept entries
+    are scaled by the exact 1 / keep-probability (`kernels._attention_dropout`). deterministic: True runs the
+    two-pass backward without atomics (bitwise repeatable dQ, 7 products per block pair instead of 5); None
+    means True when `torch.use_deterministic_algorithms(True)` is on or FASTBERT_DETERMINISTIC_ATTENTION=1 was
+    set when kernels.attention was imported, else False.
     Returns a contiguous [B, Tq, h, d] tensor in q's dtype; differentiable in q, k, v.
     """
     _check_qkv(q, k, v, ndim=4)
@@ -787,9 +961,10 @@ def fused_attention(
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(Tq, Tk, dropout_p)
+    deterministic = _check_deterministic(deterministic)
     seed_t = draw_seed(seed)
     if _run_kernel(q, k, v):
-        return FlashAttnFunction.apply(q, k, v, keep_key, None, 0, dropout_p, scale, seed_t)
+        return FlashAttnFunction.apply(q, k, v, keep_key, None, 0, dropout_p, scale, seed_t, deterministic)
     dropout_mask = attention_dropout_mask(seed_t, B, H, Tq, Tk, dropout_p, q.device) if dropout_p else None
     return attention_ref(q, k, v, keep_key, dropout_p, scale, dropout_mask=dropout_mask, upcast=True)
 
@@ -803,10 +978,12 @@ def fused_attention_varlen(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """`fused_attention` on packed real tokens: q, k, v [total_tokens, h, d], sequence b is tokens
-    cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length (T of the padded batch to
-    reproduce its dropout). No work is done on padding. Returns a contiguous [total_tokens, h, d] tensor.
+    cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length. No work is done on padding.
+    Drops the same entries as the padded call of the same batch and seed. Returns a contiguous
+    [total_tokens, h, d] tensor.
     """
     _check_qkv(q, k, v, ndim=3)
     total, H, d = q.shape
@@ -814,9 +991,10 @@ def fused_attention_varlen(
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(max_seqlen, max_seqlen, dropout_p)
+    deterministic = _check_deterministic(deterministic)
     seed_t = draw_seed(seed)
     if _run_kernel(q, k, v, cu_seqlens):
-        return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t)
+        return FlashAttnFunction.apply(q, k, v, None, cu_seqlens, max_seqlen, dropout_p, scale, seed_t, deterministic)
     dropout_mask = attention_dropout_mask_varlen(seed_t, cu_seqlens, H, max_seqlen, dropout_p) if dropout_p else None
     return attention_varlen_ref(q, k, v, cu_seqlens, max_seqlen, dropout_p, scale, dropout_mask, upcast=True)
 
@@ -835,19 +1013,22 @@ def fused_attention_qkvpacked(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """`fused_attention` on q, k, v stacked in one qkv [B, T, 3, h, d] (what a fused QKV GEMM writes). Its gradient
-    is one dqkv buffer of the same layout: dq, dk, dv written in place, no concatenation. Returns [B, T, h, d]."""
+    is one dqkv buffer of the same layout: dq, dk, dv written in place, no concatenation. Returns [B, T, h, d].
+    `deterministic` as in `fused_attention`."""
     q, k, v = _split_qkv(qkv, 5)
     if not _run_kernel(q, k, v):
-        return fused_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed)
+        return fused_attention(q, k, v, key_padding_mask, dropout_p, softmax_scale, seed, deterministic)
     _check_qkv(q, k, v, ndim=4)
     B, T, _, d = q.shape
     keep_key = key_padding_to_bool(key_padding_mask, B, T, q.device)
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(T, T, dropout_p)
-    return FlashAttnQKVPackedFunction.apply(qkv, keep_key, None, 0, dropout_p, scale, draw_seed(seed))
+    deterministic = _check_deterministic(deterministic)
+    return FlashAttnQKVPackedFunction.apply(qkv, keep_key, None, 0, dropout_p, scale, draw_seed(seed), deterministic)
 
 
 def fused_attention_varlen_qkvpacked(
@@ -857,18 +1038,21 @@ def fused_attention_varlen_qkvpacked(
     dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     seed: int | None = None,
+    deterministic: bool | None = None,
 ) -> torch.Tensor:
     """`fused_attention_varlen` on q, k, v stacked in one qkv [total_tokens, 3, h, d]; its gradient is one dqkv
     buffer of that layout (see `fused_attention_qkvpacked`). Returns [total_tokens, h, d]."""
     q, k, v = _split_qkv(qkv, 4)
     if not _run_kernel(q, k, v, cu_seqlens):
-        return fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed)
+        return fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic)
     _check_qkv(q, k, v, ndim=3)
     _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, q.shape[-1])
     _check_offsets(max_seqlen, max_seqlen, dropout_p)
-    return FlashAttnQKVPackedFunction.apply(qkv, None, cu_seqlens, max_seqlen, dropout_p, scale, draw_seed(seed))
+    deterministic = _check_deterministic(deterministic)
+    return FlashAttnQKVPackedFunction.apply(qkv, None, cu_seqlens, max_seqlen, dropout_p, scale, draw_seed(seed),
+                                            deterministic)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -906,8 +1090,8 @@ def attention_ref(
         p = p.masked_fill(~keep_key.any(dim=-1)[:, None, None, None], 0.0)  # no real key: zeros, not NaN
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
-        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+            dropout_mask = torch.rand(p.shape, device=p.device) >= effective_dropout_p(dropout_p)
+        p = p.masked_fill(~dropout_mask, 0.0) * keep_scale(dropout_p)  # 1 / the exact keep probability
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)  # (B, Tq, h, d)
     return out.to(dtype)
 

@@ -1,6 +1,7 @@
 """Scaled, key-padding-masked softmax with dropout on a materialised score tensor [B, h, Tq, Tk].
 
-Fused: scale · scores, key padding, row softmax (fp32), dropout with 1/(1-p) rescale, one kernel.
+Fused: scale · scores, key padding, row softmax (fp32), dropout rescaled by 1 / the exact keep probability
+(`kernels._attention_dropout`: the same keep-mask as `kernels.attention` for the same seed), one kernel.
 Bytes moved: forward reads the scores once and writes the probabilities once (2·N·elem bytes, plus the
 [B, Tk] mask); backward reads the saved tensor and dy and writes dscores (3·N·elem bytes). The dropout
 keep-mask is never stored: backward regenerates it from (seed, position) — see `kernels._attention_dropout`
@@ -15,7 +16,8 @@ or the additive float form [B, 1, 1, Tk] (0 = real token, very negative = paddin
 Rows whose keys are all padding give zeros (not a uniform distribution, not NaN), forward and backward.
 
 Caution: the additive float mask is read as a padding mask (entry < -1 means padding), not as an
-arbitrary additive bias. One program holds whole rows: Tk is limited to 65536 (materialising longer
+arbitrary additive bias; a float mask with positive entries (a 0/1 mask) is refused with a ValueError.
+One program holds whole rows: Tk is limited to 65536 (materialising longer
 rows makes no sense: use `kernels.attention.fused_attention`). Dropout needs Tq·Tk < 2**31.
 """
 
@@ -26,11 +28,15 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from kernels._attention_dropout import (
     MAX_OFFSETS,
     attention_dropout_mask,
     dropout_keep,
+    dropout_threshold,
+    effective_dropout_p,
+    keep_scale,
 )
 from kernels._common import (
     FLOAT_DTYPES,
@@ -70,12 +76,12 @@ def _masked_row_probs(x, keep_key, scale_log2e):
     return e * inv[:, None]
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _softmax_dropout_fwd_kernel(
     X, Y, KEEP_KEY, seed,
     H, Tq, Tk,
     sx_b, sx_h, sx_q,
-    scale_log2e, p_drop, inv_keep,
+    scale_log2e, drop_t, inv_keep,
     HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -96,22 +102,22 @@ def _softmax_dropout_fwd_kernel(
         keep_key &= tl.load(KEEP_KEY + b.to(tl.int64) * Tk + cols, mask=col_ok, other=0) != 0
     p = _masked_row_probs(x.to(tl.float32), keep_key[None, :], scale_log2e)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, rows[:, None] * Tk + cols[None, :], p_drop)
+        keep = dropout_keep(seed, bh, rows, cols, drop_t)
         p = tl.where(keep, p * inv_keep, 0.0)
     y_base = Y + bh.to(tl.int64) * Tq * Tk
     tl.store(y_base + rows[:, None].to(tl.int64) * Tk + cols[None, :], p.to(Y.dtype.element_ty), mask=ok)
 
 
-# Backward, with y = Z ∘ P / (1-p) (Z the keep-mask) and s = scale · x:
-#   dP = Z ∘ dy / (1-p)
+# Backward, with y = Z ∘ P / q (Z the keep-mask, q the exact keep probability) and s = scale · x:
+#   dP = Z ∘ dy / q
 #   ds = P ∘ (dP - rowsum(dP ∘ P)),  rowsum(dP ∘ P) = rowsum(dy ∘ y)
 #   dx = scale · ds
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "drop_t"])
 def _softmax_dropout_bwd_kernel(
     DY, SRC, DX, KEEP_KEY, seed,
     H, Tq, Tk,
     ss_b, ss_h, ss_q,
-    scale, scale_log2e, p_drop, inv_keep,
+    scale, scale_log2e, drop_t, inv_keep,
     FROM_SCORES: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
@@ -135,7 +141,7 @@ def _softmax_dropout_bwd_kernel(
     row_off = bh.to(tl.int64) * Tq * Tk + rows[:, None].to(tl.int64) * Tk + cols[None, :]
     dp = tl.load(DY + row_off, mask=ok, other=0.0).to(tl.float32)
     if HAS_DROPOUT:
-        keep = dropout_keep(seed, bh, rows[:, None] * Tk + cols[None, :], p_drop)
+        keep = dropout_keep(seed, bh, rows, cols, drop_t)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     delta = tl.sum(dp * p, 1)
     ds = p * (dp - delta[:, None]) * scale
@@ -170,8 +176,8 @@ def _softmax_dropout_fwd(
         scores, y, keep_key.view(torch.uint8) if keep_key is not None else scores, seed_value(seed),
         H, Tq, Tk,
         scores.stride(0), scores.stride(1), scores.stride(2),
-        scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
-        HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        scale * LOG2E, dropout_threshold(dropout_p), keep_scale(dropout_p),
+        HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return y
@@ -203,8 +209,8 @@ def _softmax_dropout_bwd(
         dy, saved, dx, keep_key.view(torch.uint8) if keep_key is not None else saved, seed_value(seed),
         H, Tq, Tk,
         saved.stride(0), saved.stride(1), saved.stride(2),
-        scale, scale * LOG2E, dropout_p, 1.0 / (1.0 - dropout_p),
-        FROM_SCORES=from_scores, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_p > 0.0,
+        scale, scale * LOG2E, dropout_threshold(dropout_p), keep_scale(dropout_p),
+        FROM_SCORES=from_scores, HAS_MASK=keep_key is not None, HAS_DROPOUT=dropout_threshold(dropout_p) > 0,
         BLOCK_R=block_r, BLOCK_N=block_n, num_warps=num_warps,
     )  # fmt: skip
     return dx
@@ -252,8 +258,32 @@ def key_padding_to_bool(key_padding_mask: torch.Tensor | None, B: int, Tk: int, 
             raise ValueError(
                 f"additive key_padding_mask must have shape [B, 1, 1, Tk] = {[B, 1, 1, Tk]}, got {list(m.shape)}"
             )
+        _check_additive(m)
         return m.reshape(B, Tk) > -1.0
     raise ValueError(f"key_padding_mask must be bool [B, Tk] or float [B, 1, 1, Tk], got dtype {m.dtype}")
+
+
+# Float masks whose values were checked, with the tensor version checked: an encoder passes one mask to every
+# layer, so only the first layer pays the host sync.
+_checked_masks = WeakIdKeyDictionary()
+
+
+def _check_additive(m: torch.Tensor) -> None:
+    """Refuse a float mask that is not additive: a positive entry means a 0/1 (1 = real token) mask, which would
+    otherwise be read as "no padding at all"."""
+    if torch.compiler.is_compiling() or m.numel() == 0:
+        return  # values are data: checking them would break the graph
+    version = None if m.is_inference() else m._version
+    if version is not None and _checked_masks.get(m) == version:
+        return
+    if bool((m > 0).any()):
+        raise ValueError(
+            "float key_padding_mask has positive entries: a 0/1 float mask (1 = real token) is not accepted. "
+            "Pass a bool [B, Tk] mask (True = real token) or an additive float [B, 1, 1, Tk] mask (0 = real token, "
+            "very negative, e.g. -10000 or -inf = padding)"
+        )
+    if version is not None:
+        _checked_masks[m] = version
 
 
 def _check_scale(scale: object) -> float:
@@ -314,6 +344,6 @@ def scaled_masked_softmax_dropout_ref(
         p = p.masked_fill(~keep_key.any(dim=-1)[:, None, None, None], 0.0)  # all-padding rows: 0, not NaN
     if dropout_p > 0.0:
         if dropout_mask is None:
-            dropout_mask = torch.rand(p.shape, device=p.device) >= dropout_p
-        p = p.masked_fill(~dropout_mask, 0.0) / (1.0 - dropout_p)
+            dropout_mask = torch.rand(p.shape, device=p.device) >= effective_dropout_p(dropout_p)
+        p = p.masked_fill(~dropout_mask, 0.0) * keep_scale(dropout_p)  # 1 / the exact keep probability
     return p

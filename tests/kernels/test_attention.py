@@ -309,6 +309,20 @@ def test_bad_arguments_raise_value_error(device):
             call()
 
 
+def test_float_01_mask_is_refused_with_the_accepted_conventions(device):
+    """A float 0/1 mask [B, 1, 1, T] (1 = real token) used to be read as additive, i.e. as "no padding"."""
+    q = torch.randn(2, 5, 2, 16, device=device)
+    zero_one = pad_mask([5, 2], 5, device).float()[:, None, None, :]  # (B, 1, 1, T): 1 real, 0 padding
+    with pytest.raises(ValueError, match=r"0/1 float mask.*bool \[B, Tk\].*additive float \[B, 1, 1, Tk\]"):
+        fused_attention(q, q, q, zero_one)
+    with pytest.raises(ValueError, match="0/1 float mask"):
+        scaled_masked_softmax_dropout(torch.randn(2, 2, 5, 5, device=device), zero_one, 0.25)
+    additive = (zero_one - 1.0) * 10000.0  # the same padding as an additive mask: accepted, same result as bool
+    mask = pad_mask([5, 2], 5, device)
+    assert torch.equal(fused_attention(q, q, q, additive, 0.1, seed=2), fused_attention(q, q, q, mask, 0.1, seed=2))
+    assert torch.isfinite(fused_attention(q, q, q, torch.zeros_like(zero_one))).all()  # all-zero additive: no padding
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU only: bf16 (the interpreter cannot do bf16 tl.dot), realistic shapes, inductor
 # ------------------------------------------------------------------------------------------------------
