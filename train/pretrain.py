@@ -85,7 +85,9 @@ class PretrainConfig:
     vocab_size: int = 0  # only for the automatic preparation: 0 = the MiniLM (BERT uncased) vocabulary,
     #                      N = a new WordPiece vocabulary of N tokens trained on the corpus
     mask_prob: float = 0.15
-    max_predictions: int = 20  # per sequence: 20 at 128 tokens, 80 at 512 in the BERT recipe
+    max_predictions: int = 0  # cap on masked tokens per sequence; 0 = ceil(mask_prob × the data's length):
+    #                           20 at 128 tokens, 77 at 512 (the BERT recipe: 20 and 80)
+    whole_word_mask: bool = False  # mask whole words (a token and its ## pieces), as Google's option
     num_workers: int = 2  # data-loader processes per rank (masking costs ~90 µs per sequence)
     # optimisation
     optimizer: str = "lamb"  # "lamb" (train/optim.py) or "adamw" (torch, fused on CUDA)
@@ -119,12 +121,12 @@ class PretrainConfig:
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        for name in ("max_seq_len", "dupe_factor", "max_predictions", "max_steps", "micro_batch_size",
+        for name in ("max_seq_len", "dupe_factor", "max_steps", "micro_batch_size",
                      "grad_accum", "log_every", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("num_workers", "cpu_threads", "warmup_steps", "eval_every", "checkpoint_every", "keep_checkpoints",
-                     "stop_at_step", "clip_grad_norm", "weight_decay"):
+                     "max_predictions", "stop_at_step", "clip_grad_norm", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.warmup_steps > self.max_steps:
@@ -370,10 +372,10 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
 
     # ---- data
     data_dir = ensure_data(cfg, info)
-    train_ds = PretrainingDataset(data_dir, "train", seed=cfg.seed, mask_prob=cfg.mask_prob,
-                                  max_predictions=cfg.max_predictions)
-    heldout = PretrainingDataset(data_dir, "heldout", seed=cfg.seed + 1, mask_prob=cfg.mask_prob,
-                                 max_predictions=cfg.max_predictions, fixed_masking=True)
+    masking = dict(mask_prob=cfg.mask_prob, max_predictions=cfg.max_predictions or None,
+                   whole_word_mask=cfg.whole_word_mask)
+    train_ds = PretrainingDataset(data_dir, "train", seed=cfg.seed, **masking)
+    heldout = PretrainingDataset(data_dir, "heldout", seed=cfg.seed + 1, fixed_masking=True, **masking)
     if len(heldout) == 0:
         heldout = None
         say("note: the dataset has no held-out split; no evaluation")
