@@ -178,14 +178,16 @@ PRESETS: dict[str, dict[str, Any]] = {
                   decay_power=0.5, num_workers=4),
 }
 
-# `--demo`: a pretraining that shows learning in a few minutes on two CPU cores: sequences of 64 tokens, one
-# packing pass over the embedded corpus, AdamW at a high lr, no dropout (a short run is far from overfitting),
-# one thread (on a shared or busy machine a second OpenMP thread spins more than it computes; the tiny model
-# gains little from it on an idle one).
+# `--demo`: a pretraining that visibly learns in about 1.5 CPU-minutes (one thread): sequences of 64 tokens,
+# one packing pass over the embedded corpus with a WordPiece vocabulary of 4,096 trained on it (a small
+# vocabulary is learnt from far fewer steps than BERT's 30,522), AdamW at lr 3e-3 after 100 warm-up steps, no
+# dropout (a short run is far from overfitting), one thread (on a shared or busy machine a second OpenMP thread
+# spins more than it computes; the tiny model gains little from it on an idle one). Measured: held-out MLM
+# accuracy 0.129 (unigram baseline 0.055); NSP stays at the majority label (73 % random next on this data).
 DEMO: dict[str, Any] = dict(
-    max_seq_len=64, dupe_factor=1, optimizer="adamw", lr=3e-3, dropout=0.0, micro_batch_size=32,
-    warmup_steps=30, max_steps=600, max_predictions=10, log_every=25, eval_every=200, eval_samples=448,
-    checkpoint_every=300, num_workers=0, cpu_threads=1,
+    max_seq_len=64, dupe_factor=1, vocab_size=4096, optimizer="adamw", lr=3e-3, dropout=0.0, micro_batch_size=32,
+    warmup_steps=100, max_steps=600, log_every=25, eval_every=200, eval_samples=448, checkpoint_every=300,
+    num_workers=0, cpu_threads=1,
 )
 
 # Dense bf16/fp16 tensor-core peak FLOP/s from the vendors' spec sheets; the first name found in
@@ -299,6 +301,25 @@ def evaluate(model: nn.Module, ds: PretrainingDataset, cfg: PretrainConfig, info
         "eval_nsp_loss": nsp_loss / max(1.0, seqs),
         "eval_nsp_acc": nsp_correct / max(1.0, seqs),
         "eval_sequences": int(seqs),
+    }
+
+
+def heldout_baselines(train_ds: PretrainingDataset, heldout: PretrainingDataset, n: int) -> dict[str, Any]:
+    """What constant predictors score on the first `n` held-out sequences (those `evaluate` uses): MLM = always
+    the most frequent token of the training data (the unigram baseline; counted on its first 10 M tokens),
+    NSP = always the majority label of the training pairs."""
+    import numpy as np
+
+    top = int(np.bincount(np.asarray(train_ds.tokens[:10_000_000]), minlength=train_ds.vocab_size).argmax())
+    labels = np.concatenate([heldout[i]["labels"].numpy() for i in range(n)])
+    labels = labels[labels != IGNORE_INDEX]
+    majority = int(train_ds.is_random_next.mean() >= 0.5)
+    vocab = (train_ds.data_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    return {
+        "unigram_mlm_acc": float(np.mean(labels == top)) if len(labels) else 0.0,
+        "unigram_token": vocab[top] if top < len(vocab) else str(top),
+        "majority_nsp_acc": float(np.mean(heldout.is_random_next[:n] == majority)),
+        "majority_nsp_label": "random next" if majority else "true next",
     }
 
 
@@ -580,9 +601,14 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo) -> dict[str, Any]
         if train_recs:
             say(f"training loss {result['first_loss']:.3f} (first log) → {result['last_loss']:.3f} (last log)")
         if last_eval:
+            base = heldout_baselines(train_ds, heldout, last_eval["eval_sequences"])
+            result.update(base)
             say(f"held-out MLM accuracy {last_eval['eval_mlm_acc']:.3f} (loss {last_eval['eval_mlm_loss']:.3f}, "
-                f"perplexity {math.exp(min(50.0, last_eval['eval_mlm_loss'])):.1f}), "
-                f"NSP accuracy {last_eval['eval_nsp_acc']:.3f}")
+                f"perplexity {math.exp(min(50.0, last_eval['eval_mlm_loss'])):.1f}) against "
+                f"{base['unigram_mlm_acc']:.3f} for always predicting the most frequent token "
+                f"({base['unigram_token']!r}, the unigram baseline); NSP accuracy {last_eval['eval_nsp_acc']:.3f} "
+                f"against {base['majority_nsp_acc']:.3f} for always predicting the majority label "
+                f"({base['majority_nsp_label']})")
     return result
 
 
