@@ -169,7 +169,13 @@ def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowe
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_model(str(out_dir))
-    return out_dir / "vocab.txt"
+    # The trainer orders tokens of equal frequency differently from one process to the next (hash order), so
+    # the ids would change between identical runs: the special tokens first, then the rest sorted.
+    path = out_dir / "vocab.txt"
+    tokens = path.read_text(encoding="utf-8").splitlines()
+    rest = sorted(t for t in tokens if t not in SPECIAL_TOKENS)
+    path.write_text("\n".join([*SPECIAL_TOKENS, *rest]) + "\n", encoding="utf-8")
+    return path
 
 
 def tokenize_documents(tok, documents: list[list[str]]) -> list[list[list[int]]]:

@@ -268,6 +268,16 @@ def test_train_new_vocabulary(corpus, tmp_path):
     assert meta["vocab_size"] == len(vocab) <= 150
     assert all(t in vocab for t in prep.SPECIAL_TOKENS) and "w7" in vocab
     assert meta["splits"]["heldout"]["instances"] == 0 and meta["splits"]["train"]["instances"] > 0
+    # The same ids in another process (the trainer's own order of equal-frequency tokens is hash order).
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from train import prepare as p; "
+            "p.train_vocab(p.read_documents([sys.argv[1]]), 150, Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(root / "corpus.txt"), str(tmp_path / "again")], check=True,
+                   cwd=str(prep.Path(prep.__file__).resolve().parents[1]))
+    assert (tmp_path / "again" / "vocab.txt").read_text().split() == vocab
+    assert vocab[:5] == list(prep.SPECIAL_TOKENS) and vocab[5:] == sorted(vocab[5:])
 
 
 def test_json_input(tmp_path, corpus):
