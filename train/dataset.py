@@ -9,7 +9,7 @@ Masking rule (Google's `create_pretraining_data.py`): n = round(15 % of all the 
 [CLS] / [SEP] (padding is never a candidate); each chosen token becomes [MASK] with probability 0.8, a random
 non-special token with probability 0.1, and stays itself otherwise. Its label is the original id; every other
 label is -100. `max_predictions` defaults to ceil(15 % of the sequence length) — 20 at 128 tokens, 77 at 512
-(Google: 20 and 80), so the cap binds only on sequences longer than the dataset's length — and a warning
+(Google: 20 and 80), which round(15 %) of a sequence of the dataset's length never exceeds — and a warning
 says when a given cap binds on more than 10 % of a dataset's sequences.
 
 Whole-word masking (`whole_word_mask=True`, Google's `--do_whole_word_mask`): a word (a token and the `##`

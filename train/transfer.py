@@ -60,6 +60,8 @@ class TransferConfig:
     data_seed: int = 0  # the Rotten Tomatoes train / test split (fastbert-finetune's default)
     threads: int = 1  # torch CPU threads for every job (0 = torch's default)
     only: str = "both"  # the fine-tunings to run: both, pretrained or random_init (a curve reuses one baseline)
+    reinit_pooler: bool = True  # start the pretrained model's pooler afresh (it is trained by NSP alone, which a
+    #                             short pretraining leaves at the majority label), like the random-init one's
 
     def validate(self) -> None:
         for name in ("pretrain_steps", "seeds", "epochs", "batch_size", "vocab_size", "dupe_factor"):
@@ -161,7 +163,7 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
     from fastbert.config import BertConfig
     from fastbert.modeling import BertForSequenceClassification
 
-    from .finetune import FinetuneConfig, finetune, load_tokenizer
+    from .finetune import FinetuneConfig, build_model, finetune, load_tokenizer
 
     arch = BertConfig.from_json_file(folder / "config.json")
     tokenizer = load_tokenizer(folder)
@@ -174,10 +176,13 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
                 output_dir=str(out_dir / f"ft-{kind}-seed{seed}"), save_model=False, eval_every_epoch=False,
                 device="cpu",
             )
-            model = None
+            torch.manual_seed(seed)
             if kind == "random_init":
-                torch.manual_seed(seed)
                 model = BertForSequenceClassification(arch.replace(num_labels=2))
+            else:
+                model = build_model(fcfg, 2, tokenizer.get_vocab_size())
+                if cfg.reinit_pooler:
+                    model.bert.pooler.apply(model._init_module)
             t0 = time.perf_counter()
             metrics = finetune(fcfg, model=model, tokenizer=tokenizer, log=lambda m: None)
             acc = float(metrics["metrics"]["accuracy"])
