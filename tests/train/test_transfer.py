@@ -65,5 +65,9 @@ def test_transfer_options_are_checked(tmp_path, capsys):
         TransferConfig(seeds=0).validate()
     with pytest.raises(ValueError, match="warmup_steps"):
         TransferConfig(pretrain_steps=10, warmup_steps=20).validate()
+    with pytest.raises(ValueError, match="ft_dropout"):
+        TransferConfig(ft_dropout=1.5).validate()
+    with pytest.raises(ValueError, match="only"):
+        TransferConfig(only="neither").validate()
     assert main(["--pretrained", str(tmp_path / "missing")]) == 2
     assert "pretrained model folder not found" in capsys.readouterr().err
