@@ -203,7 +203,7 @@ def _train_grads(model, ids, mask, labels, nsp, seed=0):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_on_the_fused_encoder(dropout, device):
     """gradient_checkpointing_enable() after optimize(): every layer is recomputed in the backward pass and the

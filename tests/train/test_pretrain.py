@@ -191,9 +191,11 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert single["eval_mlm_acc"] == pytest.approx(records(tmp_path / "ddp", "eval")[-1]["eval_mlm_acc"])
 
 
-def test_phase2_continues_from_phase1(trained, data, tmp_path):
+def test_phase2_continues_from_phase1(trained, data, tmp_path, recwarn):
     cfg1, _ = trained
-    common = dict(MICRO, data_dir=str(data / "data48"), max_steps=2, log_every=1, warmup_steps=1, lr=1e-4)
+    # As the README's phase-2 command: no --max-predictions, so the cap follows the longer data (no warning).
+    common = dict(MICRO, data_dir=str(data / "data48"), max_steps=2, log_every=1, warmup_steps=1, lr=1e-4,
+                  max_predictions=0)
     cont = pretrain(PretrainConfig(**common, out_dir=str(tmp_path / "p2"), init_from=str(Path(cfg1.out_dir))))
     pretrain(PretrainConfig(**common, out_dir=str(tmp_path / "fresh")))
     first_cont, first_fresh = records(tmp_path / "p2")[0], records(tmp_path / "fresh")[0]
@@ -201,6 +203,7 @@ def test_phase2_continues_from_phase1(trained, data, tmp_path):
     assert cont["eval_nsp_acc"] > 0.8
     saved = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
     assert saved["hidden_size"] == 32 and saved["max_position_embeddings"] == 512
+    assert not [w for w in recwarn if "max_predictions" in str(w.message)]
 
 
 def test_cli_precedence_and_errors(capsys):
