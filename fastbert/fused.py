@@ -90,6 +90,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from kernels._common import FLOAT_DTYPES, use_triton
@@ -411,6 +412,17 @@ class FusedEncoder(BertEncoder):
         super().__init__(config)
         self.config = config
         self.layer = nn.ModuleList(FusedLayer(config) for _ in range(config.num_hidden_layers))
+        # Activation checkpointing per layer, in training with autograd on (transformers'
+        # gradient_checkpointing_enable() sets both attributes on an optimize()d model).
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
+
+    def _run_layer(self, layer: nn.Module, *args: Any) -> torch.Tensor:
+        if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
+            return layer(*args)
+        if self._gradient_checkpointing_func is not None:
+            return self._gradient_checkpointing_func(layer.__call__, *args)
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
 
     def _unpad_possible(self, x: torch.Tensor, packed: PackedBatch | None = None) -> bool:
         return (
@@ -423,7 +435,12 @@ class FusedEncoder(BertEncoder):
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedBatch | None = None
     ) -> torch.Tensor:
         if not use_triton(x):
-            return super().forward(x, attention_mask)
+            if not self.gradient_checkpointing:
+                return super().forward(x, attention_mask)
+            key_mask = extended_mask(attention_mask)
+            for layer in self.layer:
+                x = self._run_layer(layer, x, key_mask)
+            return x
         # Under autocast the residual stream runs in autocast's dtype from entry to exit (module docstring).
         (x,) = _to_compute_dtype(x)
         if packed is not None and attention_mask is not None and self._unpad_possible(x, packed):
@@ -438,7 +455,7 @@ class FusedEncoder(BertEncoder):
             mark_cu_seqlens_checked(packed.cu_seqlens, packed.num_tokens, packed.max_seqlen)
         layout = _Packed(packed.cu_seqlens, packed.max_seqlen)
         for layer in self.layer:
-            packed_x = layer(packed_x, None, layout)  # (N, H)
+            packed_x = self._run_layer(layer, packed_x, None, layout)  # (N, H)
         # The metadata's indices were checked against this batch (PackedBatch.check): no value check here.
         return pad_input(packed_x, packed.token_indices, B, T, validate=False)  # (B, T, H), zeros at padding
 
@@ -446,18 +463,18 @@ class FusedEncoder(BertEncoder):
         if attention_mask is None or not self._unpad_possible(x):
             key_mask = extended_mask(attention_mask)  # (B, 1, 1, T) bool, or None
             for layer in self.layer:
-                x = layer(x, key_mask)
+                x = self._run_layer(layer, x, key_mask)
             return x
         real = attention_mask.bool()  # (B, T)
         if bool(real.all()):  # no padding: nothing to skip (one host sync, which unpadding needs anyway)
             for layer in self.layer:
-                x = layer(x, None)
+                x = self._run_layer(layer, x, None)
             return x
         B, T, _ = x.shape
         packed_x, indices, cu_seqlens, max_seqlen = unpad_input(x, real)  # (N, H)
         packed = _Packed(cu_seqlens, max_seqlen)
         for layer in self.layer:
-            packed_x = layer(packed_x, None, packed)  # (N, H)
+            packed_x = self._run_layer(layer, packed_x, None, packed)  # (N, H)
         return pad_input(packed_x, indices, B, T)  # (B, T, H), zeros at padding
 
     def fusion_path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:

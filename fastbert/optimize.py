@@ -21,9 +21,10 @@ device (that check reads values back), and on CPU tensors the metadata is checke
 code around the encoder (its mask preparation) may still synchronise; the MLM head stays transformers' (all rows).
 
 Caution (transformers models): decoders, cross-attention, KV caches and relative position embeddings are
-refused; `output_hidden_states` / `output_attentions` raise a ValueError (the swapped encoder has no per-layer
-outputs to give; transformers would otherwise return empty tuples silently); gradient checkpointing of the
-encoder is not supported.
+refused; `output_hidden_states` / `output_attentions` — as keywords or set in the model's config — raise a
+ValueError (the swapped encoder has no per-layer outputs to give; transformers would otherwise return empty
+tuples silently). `gradient_checkpointing_enable()` works: the fused encoder then recomputes each layer in the
+backward pass (`torch.utils.checkpoint`, with transformers' checkpoint function and its kwargs).
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ def key_padding_from_hf_mask(
 class HFFusedEncoder(FusedEncoder):
     """`FusedEncoder` with the calling convention and return type of transformers' `BertEncoder` (5.x)."""
 
+    hf_config: Any = None  # the transformers config of the BertModel holding this encoder (set by optimize)
+
     def forward(  # type: ignore[override]
         self,
         hidden_states: torch.Tensor,
@@ -95,10 +98,13 @@ class HFFusedEncoder(FusedEncoder):
         if cache is not None or use_cache:
             raise ValueError("the fused encoder has no KV cache (cache must be None, use_cache False)")
         for flag in ("output_hidden_states", "output_attentions"):
-            if kwargs.get(flag):
+            # The keyword wins over the config, as in transformers' output capture.
+            requested = kwargs[flag] if kwargs.get(flag) is not None else getattr(self.hf_config, flag, False)
+            if requested:
                 raise ValueError(
                     f"{flag}: the fused encoder does not expose per-layer outputs (transformers would silently "
-                    "return none); call the model without it, or use the model before optimize()"
+                    f"return none); call the model without it (and with config.{flag}=False), or use the model "
+                    "before optimize()"
                 )
         packed = kwargs.get("packed")
         if packed is not None and not isinstance(packed, PackedBatch):
@@ -169,5 +175,8 @@ def optimize(model: nn.Module, **fusions: bool) -> nn.Module:
         if isinstance(bert.encoder, HFFusedEncoder):
             continue
         config = _config_from_hf(bert.config, flags)
+        checkpointing = getattr(bert.encoder, "gradient_checkpointing", False)
         bert.encoder = _build_like(HFFusedEncoder, config, bert.encoder)
+        bert.encoder.hf_config = bert.config  # read at every call: output_* flags set after optimize() count
+        bert.encoder.gradient_checkpointing = bool(checkpointing)
     return model

@@ -4,16 +4,26 @@ Masking happens here, at load time, with an RNG derived from (seed, epoch, index
 instance afresh (RoBERTa-style dynamic masking), yet any item is reproducible on its own — which is what makes
 `--resume` exact and lets data-loader workers and DDP ranks mask without sharing state.
 
-Masking rule (original BERT): of the maskable positions (every real token but [CLS] / [SEP]; padding is never
-a candidate), round(15 %) — at least 1, at most `max_predictions` — are chosen; each chosen token becomes
-[MASK] with probability 0.8, a random non-special token with probability 0.1, and stays itself otherwise. Its
-label is the original id; every other label is -100.
+Masking rule (Google's `create_pretraining_data.py`): n = round(15 % of all the sequence's tokens, [CLS] and
+[SEP] counted) — at least 1, at most `max_predictions` — positions are chosen among the real tokens other than
+[CLS] / [SEP] (padding is never a candidate); each chosen token becomes [MASK] with probability 0.8, a random
+non-special token with probability 0.1, and stays itself otherwise. Its label is the original id; every other
+label is -100. `max_predictions` defaults to ceil(15 % of the sequence length) — 20 at 128 tokens, 77 at 512
+(Google: 20 and 80), which round(15 %) of a sequence of the dataset's length never exceeds — and a warning
+says when a given cap binds on more than 10 % of a dataset's sequences.
+
+Whole-word masking (`whole_word_mask=True`, Google's `--do_whole_word_mask`): a word (a token and the `##`
+pieces after it) is chosen or left as a whole — words are taken in random order while they fit in n — and
+each of its tokens then gets the 80/10/10 draw on its own. Unlike Google's code, a `##` piece right after
+[SEP] starts a new word instead of joining the last word of segment A.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +36,16 @@ from .prepare import FORMAT_VERSION, SPLITS, load_array
 IGNORE_INDEX = -100
 
 
+def default_max_predictions(max_seq_len: int, mask_prob: float = 0.15) -> int:
+    """ceil(mask_prob × max_seq_len): 20 at 128, 77 at 512, 10 at 64 (at 15 %)."""
+    return max(1, math.ceil(round(mask_prob * max_seq_len, 6)))
+
+
+def num_to_predict(length: int | np.ndarray, mask_prob: float, max_predictions: int):
+    """Google's count: round(mask_prob × all tokens of the sequence), at least 1, at most max_predictions."""
+    return np.minimum(max_predictions, np.maximum(1, np.round(np.asarray(length) * mask_prob).astype(np.int64)))
+
+
 def mask_tokens(
     ids: np.ndarray,
     maskable: np.ndarray,
@@ -35,17 +55,36 @@ def mask_tokens(
     random_ids: np.ndarray,
     mask_prob: float = 0.15,
     max_predictions: int = 20,
+    word_start: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """BERT masking of one sequence. ids int64 (T,), maskable bool (T,) → (masked ids, labels with -100)."""
+    """BERT masking of one unpadded sequence. ids int64 (T,), maskable bool (T,) → (masked ids, labels with
+    -100). `word_start` bool (T,) (True where a token is not a `##` continuation) turns on whole-word masking."""
     candidates = np.flatnonzero(maskable)
     labels = np.full(ids.shape, IGNORE_INDEX, dtype=np.int64)
-    n = min(max_predictions, max(1, int(round(len(candidates) * mask_prob)))) if len(candidates) else 0
+    n = int(num_to_predict(len(ids), mask_prob, max_predictions)) if len(candidates) else 0
     if n == 0:
         return ids, labels
-    chosen = rng.choice(candidates, size=n, replace=False)
+    if word_start is None:
+        chosen = rng.choice(candidates, size=min(n, len(candidates)), replace=False)
+    else:
+        # A word starts at a non-## token or where the previous position is not a candidate ([SEP]).
+        starts = word_start[candidates].copy()
+        starts[0] = True
+        starts[1:] |= np.diff(candidates) > 1
+        words = np.split(candidates, np.flatnonzero(starts)[1:])
+        picked: list[np.ndarray] = []
+        count = 0
+        for w in rng.permutation(len(words)):
+            if count >= n:
+                break
+            if count + len(words[w]) > n:
+                continue  # does not fit: try the next word, as Google does
+            picked.append(words[w])
+            count += len(words[w])
+        chosen = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
     labels[chosen] = ids[chosen]
     out = ids.copy()
-    u = rng.random(n)
+    u = rng.random(len(chosen))
     to_mask = chosen[u < 0.8]
     to_random = chosen[(u >= 0.8) & (u < 0.9)]  # the last 10 % keep their token
     out[to_mask] = mask_id
@@ -58,6 +97,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
     input_ids, attention_mask, token_type_ids, labels (-100 where nothing is predicted), next_sentence_label.
 
     `set_epoch(e)` changes the masking draw; `fixed_masking=True` ignores the epoch (evaluation).
+    `max_predictions=None`: `default_max_predictions(max_seq_len, mask_prob)`.
     """
 
     def __init__(
@@ -67,8 +107,9 @@ class PretrainingDataset(torch.utils.data.Dataset):
         *,
         seed: int = 0,
         mask_prob: float = 0.15,
-        max_predictions: int = 20,
+        max_predictions: int | None = None,
         fixed_masking: bool = False,
+        whole_word_mask: bool = False,
     ):
         data_dir = Path(data_dir)
         if split not in SPLITS:
@@ -83,8 +124,8 @@ class PretrainingDataset(torch.utils.data.Dataset):
                              f"{FORMAT_VERSION}; prepare the data again")
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
-        if max_predictions < 1:
-            raise ValueError(f"max_predictions must be >= 1, got {max_predictions}")
+        if max_predictions is not None and max_predictions < 1:
+            raise ValueError(f"max_predictions must be >= 1 (or None: from the length), got {max_predictions}")
         self.data_dir, self.split = data_dir, split
         self.tokens = load_array(data_dir / f"{split}.tokens.npy", mmap=True)
         self.offsets = load_array(data_dir / f"{split}.offsets.npy")
@@ -96,8 +137,27 @@ class PretrainingDataset(torch.utils.data.Dataset):
         self.pad_id, self.cls_id, self.sep_id, self.mask_id = sp["[PAD]"], sp["[CLS]"], sp["[SEP]"], sp["[MASK]"]
         # Random replacements are drawn from the ordinary tokens (never [PAD], [CLS], [SEP], [MASK], [UNK]).
         self.random_ids = np.setdiff1d(np.arange(self.vocab_size), np.array(list(sp.values())))
+        if max_predictions is None:
+            max_predictions = default_max_predictions(self.max_seq_len, mask_prob)
         self.seed, self.mask_prob, self.max_predictions = seed, mask_prob, max_predictions
         self.fixed_masking = fixed_masking
+        self.word_start = None  # per vocabulary id: False for `##` continuation pieces
+        if whole_word_mask:
+            vocab = (data_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()[:self.vocab_size]
+            self.word_start = np.ones(self.vocab_size, dtype=bool)
+            self.word_start[:len(vocab)] = [not t.startswith("##") for t in vocab]
+        # Google's count per sequence, and how often the cap cuts it.
+        lengths = np.diff(self.offsets) + 3
+        wanted = np.maximum(1, np.round(lengths * mask_prob).astype(np.int64))
+        self.cap_binds = float(np.mean(wanted > max_predictions)) if len(lengths) else 0.0
+        if self.cap_binds > 0.1:
+            got = num_to_predict(lengths, mask_prob, max_predictions).sum() / lengths.sum()
+            warnings.warn(
+                f"max_predictions={max_predictions} caps the masked count of {self.cap_binds:.0%} of the {split} "
+                f"sequences of {data_dir}: {got:.1%} of the tokens get a label instead of {mask_prob:.0%}; "
+                f"raise max_predictions to {default_max_predictions(self.max_seq_len, mask_prob)} "
+                f"(ceil({mask_prob} × {self.max_seq_len}))", stacklevel=2,
+            )
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -128,6 +188,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         ids, labels = mask_tokens(
             ids, maskable, rng, mask_id=self.mask_id, random_ids=self.random_ids,
             mask_prob=self.mask_prob, max_predictions=self.max_predictions,
+            word_start=None if self.word_start is None else self.word_start[ids],
         )
         T, n = self.max_seq_len, len(ids)
 

@@ -12,6 +12,10 @@ LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning"), with NVIDI
 As NVIDIA's FusedLAMB (and its BERT recipe), the trust ratio is applied only to parameter groups with weight
 decay — biases and LayerNorm weights (decay 0) take a plain Adam step — unless `always_adapt=True` (the
 paper's form, "NVLAMB"). Gradient clipping by the global norm is done by the training loop before `step()`.
+
+The step count t is one counter per parameter group, advanced by every `step()` call (apex's FusedLAMB keeps
+`group["step"]` the same way): a parameter that has no gradient at some step keeps its moments and weights
+unchanged, and its next update uses the group's t in the bias correction, not a count of its own updates.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ class Lamb(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            if "step" not in group:  # a state saved before the counter moved to the group: its params' count
+                group["step"] = max((int(self.state[p].get("step", 0)) for p in group["params"]), default=0)
+            group["step"] += 1
+            t = group["step"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -62,15 +70,13 @@ class Lamb(torch.optim.Optimizer):
             grads, exp_avgs, exp_avg_sqs = [], [], []
             for p in params:
                 state = self.state[p]
-                if not state:
-                    state["step"] = 0
+                if "exp_avg" not in state:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
+                state.pop("step", None)  # the count lives in the group
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
                 exp_avg_sqs.append(state["exp_avg_sq"])
-            t = self.state[params[0]]["step"]  # every param of a group steps together
             # Moments, batched over the group with foreach kernels (a handful of launches, no host syncs).
             torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)  # m ← β1·m + (1−β1)·g
             torch._foreach_mul_(exp_avg_sqs, beta2)

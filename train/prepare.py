@@ -9,11 +9,12 @@ by `train.dataset.PretrainingDataset`, with a fresh seeded draw every epoch):
                 so a line holding a whole paragraph is fine
     tokens      WordPiece through the `tokenizers` package: a given vocab.txt (default: the MiniLM one, the
                 uncased vocabulary of the original BERT), or a new vocabulary of `vocab_size` trained here
-    instances   [CLS] A [SEP] B [SEP] up to max_seq_len: segments packed from consecutive sentences to a target
-                length (shorter with probability short_seq_prob), B the true continuation or, with probability
-                1/2, a span of another document; the longer segment trimmed at a random end (truncate_seq_pair).
-                One deviation: a chunk of a single sentence is cut inside the sentence (the original always
-                gives it a random B, which makes ~64% of the pairs random on these short lead paragraphs)
+    instances   [CLS] A [SEP] B [SEP] up to max_seq_len, by the original's selection rules
+                (`instances_from_document`): segments of whole sentences packed to a target length (shorter
+                with probability short_seq_prob), B the true continuation or, with probability 1/2 and always
+                when the chunk is one sentence, a span of another document (~64 % random pairs on the embedded
+                lead paragraphs); the longer segment trimmed at a random end (truncate_seq_pair).
+                `split_single_sentence` is the near-50/50 variant that cuts one-sentence chunks instead
     splits      documents (not instances) are split into train / held-out, so no held-out text is trained on;
                 a random B comes from the same split
 
@@ -184,7 +185,13 @@ def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowe
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     tok.save_model(str(out_dir))
-    return out_dir / "vocab.txt"
+    # The trainer orders tokens of equal frequency differently from one process to the next (hash order), so
+    # the ids would change between identical runs: the special tokens first, then the rest sorted.
+    path = out_dir / "vocab.txt"
+    tokens = path.read_text(encoding="utf-8").splitlines()
+    rest = sorted(t for t in tokens if t not in SPECIAL_TOKENS)
+    path.write_text("\n".join([*SPECIAL_TOKENS, *rest]) + "\n", encoding="utf-8")
+    return path
 
 
 def tokenize_documents(tok, documents: list[list[str]], max_sentence_tokens: int | None = None,
@@ -216,7 +223,8 @@ def tokenize_documents(tok, documents: list[list[str]], max_sentence_tokens: int
 
 # ---------------------------------------------------------------------------------------------- instances
 def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int, rng: random.Random) -> None:
-    """Trim the longer of a, b one token at a time, from the front or the back at random, until they fit."""
+    """Trim the longer of a, b (b when they are equal) one token at a time, from the front or the back at random,
+    until they fit — the original BERT's rule."""
     while len(a) + len(b) > max_num_tokens:
         longer = a if len(a) > len(b) else b
         if rng.random() < 0.5:
@@ -225,43 +233,64 @@ def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int, rng: rand
             longer.pop()
 
 
+def _random_b(docs: list[list[list[int]]], doc_index: int, target_len: int, rng: random.Random) -> list[int]:
+    """Consecutive sentences of another document (10 draws to avoid this one), from a random sentence on, until
+    `target_len` tokens (at least one sentence)."""
+    other = doc_index
+    for _ in range(10):
+        other = rng.randrange(len(docs))
+        if other != doc_index:
+            break
+    other_doc = docs[other]
+    b: list[int] = []
+    for s in other_doc[rng.randrange(len(other_doc)):]:
+        b.extend(s)
+        if len(b) >= target_len:
+            break
+    return b
+
+
 def instances_from_document(
-    docs: list[list[list[int]]], doc_index: int, max_seq_len: int, short_seq_prob: float, rng: random.Random
+    docs: list[list[list[int]]], doc_index: int, max_seq_len: int, short_seq_prob: float, rng: random.Random,
+    split_single_sentence: bool = False,
 ) -> list[tuple[list[int], list[int], bool]]:
-    """(A, B, is_random_next) triples from one document, as the original BERT makes them."""
+    """(A, B, is_random_next) triples from one document, by the selection rules of the original BERT:
+
+    - one target length per document: max_seq_len − 3, or with probability `short_seq_prob` a uniform length in
+      [2, max_seq_len − 3];
+    - sentences are gathered into a chunk until it reaches the target (or the document ends); A is the first
+      `a_end` sentences of the chunk (a_end uniform in [1, sentences − 1]), so segments end at sentence ends;
+    - B is the rest of the chunk (true next), or — with probability 1/2, and always when the chunk holds a single
+      sentence — a span of another document (random next), in which case the chunk's unused sentences are put
+      back and start the next chunk;
+    - the pair is trimmed to fit by `truncate_seq_pair`.
+
+    `split_single_sentence=True` is fastbert's earlier variant: a one-sentence chunk is cut inside the sentence
+    and gets a true-next B with probability 1/2, which keeps NSP near 50/50 on short documents (Google's rule
+    gives ~64 % random pairs on the embedded lead paragraphs) at the price of true-next pairs cut mid-sentence
+    while random B segments always start at a sentence start.
+    """
     document = docs[doc_index]
     max_num_tokens = max_seq_len - 3  # [CLS] A [SEP] B [SEP]
-    # Mostly fill the whole length; sometimes aim shorter so the model also sees short sequences.
     target = max_num_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_num_tokens)
-    instances, chunk, chunk_len, i = [], [], 0, 0
+    instances: list[tuple[list[int], list[int], bool]] = []
+    chunk: list[list[int]] = []
+    chunk_len, i = 0, 0
     while i < len(document):
         chunk.append(document[i])
         chunk_len += len(document[i])
         if i == len(document) - 1 or chunk_len >= target:
             pieces, rewindable = chunk, True
-            if len(chunk) == 1 and len(chunk[0]) >= 2:
-                # Deviation from the original: a one-sentence chunk is cut inside the sentence instead of
-                # always getting a random B, which would push NSP far from 50/50 on short documents.
+            if split_single_sentence and len(chunk) == 1 and len(chunk[0]) >= 2:
                 cut = rng.randint(1, len(chunk[0]) - 1)
                 pieces, rewindable = [chunk[0][:cut], chunk[0][cut:]], False
             a_end = rng.randint(1, len(pieces) - 1) if len(pieces) >= 2 else 1
             a = [t for s in pieces[:a_end] for t in s]
             if len(pieces) == 1 or rng.random() < 0.5:
                 is_random = True
-                b_target = max(1, target - len(a))
-                other = doc_index
-                for _ in range(10):
-                    other = rng.randrange(len(docs))
-                    if other != doc_index:
-                        break
-                other_doc = docs[other]
-                b: list[int] = []
-                for s in other_doc[rng.randrange(len(other_doc)):]:
-                    b.extend(s)
-                    if len(b) >= b_target:
-                        break
+                b = _random_b(docs, doc_index, target - len(a), rng)
                 if rewindable:
-                    i -= len(pieces) - a_end  # the unused sentences of this chunk go into the next one
+                    i -= len(pieces) - a_end  # the unused sentences of this chunk start the next one
             else:
                 is_random = False
                 b = [t for s in pieces[a_end:] for t in s]
@@ -269,13 +298,13 @@ def instances_from_document(
             if a and b:
                 instances.append((a, b, is_random))
             chunk, chunk_len = [], 0
-            target = max_num_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_num_tokens)
         i += 1
     return instances
 
 
 def create_instances(
-    docs: list[list[list[int]]], max_seq_len: int, dupe_factor: int, short_seq_prob: float, rng: random.Random
+    docs: list[list[list[int]]], max_seq_len: int, dupe_factor: int, short_seq_prob: float, rng: random.Random,
+    split_single_sentence: bool = False,
 ) -> list[tuple[list[int], list[int], bool]]:
     """Every document `dupe_factor` times (different packing and random B each time), then shuffled."""
     if len(docs) < 2:
@@ -283,7 +312,9 @@ def create_instances(
     instances = []
     for _ in range(dupe_factor):
         for d in range(len(docs)):
-            instances.extend(instances_from_document(docs, d, max_seq_len, short_seq_prob, rng))
+            instances.extend(
+                instances_from_document(docs, d, max_seq_len, short_seq_prob, rng, split_single_sentence)
+            )
     rng.shuffle(instances)
     return instances
 
@@ -321,7 +352,9 @@ class PrepareConfig:
     lowercase: bool = True  # the default vocabulary is uncased
     max_seq_len: int = 128  # 128 for phase 1, 512 for phase 2
     dupe_factor: int = 5  # passes over the corpus, each packed and paired differently (BERT used 10)
-    short_seq_prob: float = 0.1  # fraction of instances aimed at a random shorter length
+    short_seq_prob: float = 0.1  # fraction of documents packed to a random shorter length
+    split_single_sentence: bool = False  # cut a one-sentence chunk inside the sentence instead of always
+    #                                      pairing it with a random B (off = the original BERT's rule)
     heldout_fraction: float = 0.02  # of the documents, for evaluation (0 = no held-out split)
     seed: int = 12345
     overwrite: bool = False  # replace an out_dir that is not a previous fastbert-prepare output (deleting it)
@@ -431,7 +464,8 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
                 instances = []
             else:
                 instances = create_instances(
-                    split_docs[split], cfg.max_seq_len, cfg.dupe_factor, cfg.short_seq_prob, rng
+                    split_docs[split], cfg.max_seq_len, cfg.dupe_factor, cfg.short_seq_prob, rng,
+                    cfg.split_single_sentence,
                 )
             write_split(tmp, split, instances, tok.get_vocab_size())
             counts[split] = {

@@ -179,3 +179,63 @@ def test_optimize_refuses_what_it_cannot_do():
     ids, mask = batch()
     with pytest.raises(ValueError, match="output_hidden_states"):
         fused(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    for flag in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(ValueError, match=flag):
+            fused(input_ids=ids, attention_mask=mask, **{flag: True})
+        setattr(fused.config, flag, True)  # set in the config after optimize(): refused the same way
+        with pytest.raises(ValueError, match=f"{flag}.*config.{flag}=False"):
+            fused(input_ids=ids, attention_mask=mask)
+        fused(input_ids=ids, attention_mask=mask, **{flag: False})  # the keyword wins over the config
+        setattr(fused.config, flag, False)
+    assert fused(input_ids=ids, attention_mask=mask).hidden_states is None
+
+
+def _train_grads(model, ids, mask, labels, nsp, seed=0):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, next_sentence_label=nsp)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_(en|dis)able` is deprecated:FutureWarning")
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_on_the_fused_encoder(dropout, device):
+    """gradient_checkpointing_enable() after optimize(): every layer is recomputed in the backward pass and the
+    gradients are those of the unfused model (dropout 0) or of the fused model without checkpointing (dropout
+    0.1: the recomputation replays the same dropout masks)."""
+    cfg = hf_config(layers=2)
+    cfg.hidden_dropout_prob = cfg.attention_probs_dropout_prob = dropout
+    torch.manual_seed(0)
+    ref = transformers.BertForPreTraining(cfg).to(device).train()
+    plain = optimize(copy.deepcopy(ref)).train()
+    ckpt = optimize(copy.deepcopy(ref)).train()
+    ckpt.gradient_checkpointing_enable()
+    assert ckpt.bert.encoder.gradient_checkpointing and not plain.bert.encoder.gradient_checkpointing
+    calls = []
+    for layer in ckpt.bert.encoder.layer:
+        layer.register_forward_pre_hook(lambda m, a: calls.append(m))  # a pre-hook: the recompute stops early
+    ids, mask = batch(lengths=[21, 13, 5], device=device)
+    labels = torch.full_like(ids, -100)
+    labels[:, 3] = ids[:, 3]
+    nsp = torch.tensor([0, 1, 1], device=device)
+    lc, gc = _train_grads(ckpt, ids, mask, labels, nsp)
+    assert len(calls) == 2 * 2  # each of the 2 layers: once forward, once recomputed in the backward pass
+    lp, gp = _train_grads(plain, ids, mask, labels, nsp)
+    assert set(gc) == set(gp)
+    for name in gp:  # same fused arithmetic, same dropout masks: equal up to recomputation order
+        torch.testing.assert_close(gc[name], gp[name], rtol=1e-5, atol=1e-6, msg=f"grad {name}")
+    torch.testing.assert_close(lc, lp)
+    if dropout == 0.0:
+        ref64 = copy.deepcopy(ref).double()
+        (l32, g32), (l64, g64) = (_train_grads(m, ids, mask, labels, nsp) for m in (ref, ref64))
+        assert_within_torch_error(lc, l64, l32, atol=2e-5, name="loss")
+        for name in g64:
+            assert_within_torch_error(gc[name], g64[name], g32[name], atol=2e-5, name=f"grad {name}")
+    # In eval mode or without autograd nothing is recomputed; disabling turns it off.
+    calls.clear()
+    with torch.no_grad():
+        ckpt(input_ids=ids, attention_mask=mask)
+    ckpt.gradient_checkpointing_disable()
+    _train_grads(ckpt, ids, mask, labels, nsp)
+    assert len(calls) == 2 + 2 and not ckpt.bert.encoder.gradient_checkpointing

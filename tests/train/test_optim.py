@@ -20,6 +20,8 @@ def lamb_by_hand(w, grads, decay: bool, adapt: bool):
     v = [0.0] * len(w)
     w = list(w)
     for t, g in enumerate(grads, start=1):
+        if g is None:  # no gradient at this step: nothing changes, but the group's count t still advances
+            continue
         m = [B1 * mi + (1 - B1) * gi for mi, gi in zip(m, g, strict=True)]
         v = [B2 * vi + (1 - B2) * gi * gi for vi, gi in zip(v, g, strict=True)]
         u = [(mi / (1 - B1**t)) / (math.sqrt(vi / (1 - B2**t)) + EPS) for mi, vi in zip(m, v, strict=True)]
@@ -59,6 +61,37 @@ def test_lamb_matches_hand_computation(always_adapt):
     torch.testing.assert_close(z, torch.tensor(lamb_by_hand(z0, gz, True, True), dtype=torch.float64),
                                rtol=1e-12, atol=1e-12)
     assert not torch.equal(w.detach(), torch.tensor(lamb_by_hand(w0, gw, True, False), dtype=torch.float64))
+
+
+def test_lamb_step_count_is_per_group_when_a_parameter_skips_a_step():
+    # s has no gradient at steps 2 and 3 (an unused embedding row, a frozen branch): apex's FusedLAMB keeps one
+    # counter per group, so s's third update uses t = 4 in the bias correction, not its own count of 2.
+    w0, s0 = [1.0, -2.0, 2.0], [0.5, 0.25]
+    gw = [[0.5, 0.1, -0.2], [-0.3, 0.4, 0.05], [0.2, 0.2, 0.2], [0.1, -0.4, 0.3]]
+    gs = [[0.1, -0.1], None, None, [0.3, 0.2]]
+    w = torch.tensor(w0, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(s0, dtype=torch.float64, requires_grad=True)
+    opt = Lamb([{"params": [s, w], "weight_decay": WD}], lr=LR, betas=(B1, B2), eps=EPS)  # s first on purpose
+    seen = []
+    for step in range(4):
+        w.grad = torch.tensor(gw[step], dtype=torch.float64)
+        s.grad = None if gs[step] is None else torch.tensor(gs[step], dtype=torch.float64)
+        before = s.detach().clone()
+        opt.step()
+        seen.append(torch.equal(before, s.detach()))
+    assert seen == [False, True, True, False]  # untouched while it has no gradient
+    assert opt.param_groups[0]["step"] == 4
+    torch.testing.assert_close(w, torch.tensor(lamb_by_hand(w0, gw, True, True), dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, torch.tensor(lamb_by_hand(s0, gs, True, True), dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    # The count of its own updates (the old rule) gives a different result.
+    own = lamb_by_hand(s0, [gs[0], gs[3]], True, True)
+    assert not torch.allclose(s.detach(), torch.tensor(own, dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    # The counter is saved with the optimizer and restored.
+    again = Lamb([{"params": [s, w], "weight_decay": WD}], lr=LR, betas=(B1, B2), eps=EPS)
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[0]["step"] == 4
 
 
 def test_lamb_first_step_value():

@@ -11,7 +11,14 @@ import pytest
 
 from tests.helpers import require
 from train import prepare as prep
-from train.dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
+from train.dataset import (
+    IGNORE_INDEX,
+    PretrainingDataset,
+    StepBatchSampler,
+    collate,
+    default_max_predictions,
+    mask_tokens,
+)
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -91,13 +98,10 @@ def test_instances_invariants(corpus):
     assert 0.5 < np.mean(lengths >= 40) < 0.97
 
 
-def test_nsp_is_half_random_and_pairs_come_from_the_right_documents(corpus):
+def test_nsp_pairs_come_from_the_right_documents(corpus):
     root, meta = corpus
     ds = PretrainingDataset(root / "data", "train")
     n = len(ds)
-    rand = ds.is_random_next.astype(bool)
-    # Binomial(n, 1/2) within 4 standard deviations.
-    assert abs(rand.mean() - 0.5) < 4 * 0.5 / np.sqrt(n), rand.mean()
     marker_base = 5 + len(WORDS)  # ids of d0, d1, ... in the test vocabulary
     same_doc_for_continuation = 0
     for i in range(n):
@@ -112,6 +116,121 @@ def test_nsp_is_half_random_and_pairs_come_from_the_right_documents(corpus):
         if is_random and docs_a and docs_b:
             assert docs_a != docs_b  # a random B comes from another document
     assert same_doc_for_continuation > n // 4
+    # Above half: a document's last chunk is often one sentence, which always takes a random B.
+    assert 0.5 < ds.is_random_next.mean() < 0.7, ds.is_random_next.mean()
+
+
+# A second port of Google's create_pretraining_data.py selection rules, written separately from the package's
+# (per-document target length; chunk to target; A = first a_end sentences; random B with p = 1/2 or always for a
+# one-sentence chunk, unused sentences put back; trim the longer side at a random end).
+def google_pairs(docs, max_seq_len, short_seq_prob, rng):
+    out = []
+    for d, doc in enumerate(docs):
+        room = max_seq_len - 3
+        target = rng.randint(2, room) if rng.random() < short_seq_prob else room
+        start = 0
+        while start < len(doc):
+            end, size = start, 0
+            while end < len(doc):  # take sentences until the target is reached or the document ends
+                size += len(doc[end])
+                end += 1
+                if size >= target:
+                    break
+            chunk = doc[start:end]
+            a_end = rng.randint(1, len(chunk) - 1) if len(chunk) > 1 else 1
+            a = sum(chunk[:a_end], [])
+            if len(chunk) == 1 or rng.random() < 0.5:
+                other = d
+                for _ in range(10):
+                    other = rng.randint(0, len(docs) - 1)
+                    if other != d:
+                        break
+                b, k = [], rng.randint(0, len(docs[other]) - 1)
+                while k < len(docs[other]) and len(b) < target - len(a) or not b:
+                    b += docs[other][k]
+                    k += 1
+                random_next, start = True, start + a_end  # the rest of the chunk is put back
+            else:
+                b, random_next, start = sum(chunk[a_end:], []), False, end
+            while len(a) + len(b) > room:
+                side = a if len(a) > len(b) else b
+                side.pop(0 if rng.random() < 0.5 else -1)
+            out.append((a, b, random_next))
+    return out
+
+
+def short_token_documents(n_docs, seed):
+    """Token documents like lead paragraphs: 1-6 sentences of 3-30 tokens (id = document, to trace B)."""
+    rng = random.Random(seed)
+    return [[[d] * rng.randint(3, 30) for _ in range(rng.randint(1, 6))] for d in range(n_docs)]
+
+
+def pair_statistics(pairs, room):
+    lengths = np.array([len(a) + len(b) for a, b, _ in pairs])
+    rand = np.array([r for _, _, r in pairs], dtype=float)
+    return {"n": len(pairs), "random_next": rand.mean(), "mean_len": lengths.mean(), "len_sd": lengths.std(),
+            "full": np.mean(lengths == room)}
+
+
+def test_instances_follow_google_selection_rules_in_distribution():
+    docs = short_token_documents(600, seed=1)
+    T = 64
+    ours = [p for s in range(4) for p in prep.create_instances(docs, T, 1, 0.1, random.Random(100 + s))]
+    theirs = [p for s in range(4) for p in google_pairs(docs, T, 0.1, random.Random(200 + s))]
+    a, b = pair_statistics(ours, T - 3), pair_statistics(theirs, T - 3)
+    # The instance counts differ only through the random draws: within a few percent.
+    assert abs(a["n"] - b["n"]) < 0.03 * b["n"], (a["n"], b["n"])
+    # Random-next fraction: two binomial estimates, 4 standard errors of their difference (instances of a
+    # document are correlated, hence the generous factor).
+    p = (a["random_next"] + b["random_next"]) / 2
+    se = np.sqrt(p * (1 - p) * (1 / a["n"] + 1 / b["n"]))
+    assert abs(a["random_next"] - b["random_next"]) < 4 * se, (a["random_next"], b["random_next"])
+    assert a["random_next"] > 0.55  # short documents: one-sentence chunks always take a random B
+    se_len = np.sqrt(a["len_sd"] ** 2 / a["n"] + b["len_sd"] ** 2 / b["n"])
+    assert abs(a["mean_len"] - b["mean_len"]) < 4 * se_len, (a["mean_len"], b["mean_len"])
+    se_full = np.sqrt(b["full"] * (1 - b["full"]) * (1 / a["n"] + 1 / b["n"]))
+    assert abs(a["full"] - b["full"]) < 4 * se_full + 0.01, (a["full"], b["full"])
+    # The earlier variant (cut one-sentence chunks) is the named option and gives a clearly different share.
+    cut = [p for s in range(2) for p in prep.create_instances(docs, T, 1, 0.1, random.Random(s), True)]
+    assert pair_statistics(cut, T - 3)["random_next"] < a["random_next"] - 0.08
+
+
+def test_segments_end_at_sentence_ends():
+    # Sentence k of document d holds tokens 1000·d + 10·k + j: a boundary is where the sentence number changes.
+    rng = random.Random(3)
+    docs = [[[1000 * d + 10 * k + j for j in range(rng.randint(2, 9))] for k in range(rng.randint(1, 8))]
+            for d in range(80)]
+    pairs = prep.create_instances(docs, 40, 2, 0.1, random.Random(5))
+    whole = 0
+    for a, b, random_next in pairs:
+        if len(a) + len(b) == 37:  # may have been trimmed: nothing to check at the ends
+            continue
+        whole += 1
+        assert a[0] % 10 == 0 and b[0] % 10 == 0  # both segments start at a sentence start
+        assert a[-1] + 1 not in {t for s in docs[a[-1] // 1000] for t in s}  # A ends at a sentence end
+        if not random_next:
+            assert b[0] // 1000 == a[0] // 1000 and b[0] // 10 == a[-1] // 10 + 1  # the very next sentence
+        else:
+            assert b[0] // 1000 != a[0] // 1000
+    assert whole > 50
+
+
+def test_embedded_wikipedia_random_next_share():
+    """Google's rule on the embedded lead paragraphs at 128 tokens: about 64 % random-next pairs."""
+    from fastbert.resources import ResourceNotFound, wiki_corpus_path
+
+    try:
+        path = wiki_corpus_path()
+    except ResourceNotFound as e:
+        pytest.skip(str(e))
+    from fastbert.tokenizer import Tokenizer
+
+    docs_text = prep.read_json_documents(path)[:3000]
+    tok = Tokenizer.from_file(prep.default_vocab_path()).backend_tokenizer
+    docs = prep.tokenize_documents(tok, docs_text)
+    pairs = prep.create_instances(docs, 128, 1, 0.1, random.Random(0))
+    share = np.mean([r for _, _, r in pairs])
+    assert 0.60 < share < 0.68, share
 
 
 def test_heldout_documents_are_disjoint_from_training(corpus):
@@ -145,6 +264,16 @@ def test_train_new_vocabulary(corpus, tmp_path):
     assert meta["vocab_size"] == len(vocab) <= 150
     assert all(t in vocab for t in prep.SPECIAL_TOKENS) and "w7" in vocab
     assert meta["splits"]["heldout"]["instances"] == 0 and meta["splits"]["train"]["instances"] > 0
+    # The same ids in another process (the trainer's own order of equal-frequency tokens is hash order).
+    import subprocess
+    import sys
+
+    code = ("import sys; from pathlib import Path; from train import prepare as p; "
+            "p.train_vocab(p.read_documents([sys.argv[1]]), 150, Path(sys.argv[2]))")
+    subprocess.run([sys.executable, "-c", code, str(root / "corpus.txt"), str(tmp_path / "again")], check=True,
+                   cwd=str(prep.Path(prep.__file__).resolve().parents[1]))
+    assert (tmp_path / "again" / "vocab.txt").read_text().split() == vocab
+    assert vocab[:5] == list(prep.SPECIAL_TOKENS) and vocab[5:] == sorted(vocab[5:])
 
 
 def test_json_input(tmp_path, corpus):
@@ -161,7 +290,8 @@ def test_json_input(tmp_path, corpus):
 # ---------------------------------------------------------------------------------------------- masking
 def test_items_layout_and_masking_invariants(corpus):
     root, _ = corpus
-    ds = PretrainingDataset(root / "data", "train", seed=3, max_predictions=5)
+    with pytest.warns(UserWarning, match="max_predictions=5 caps"):  # a cap below 15 % of 48: warned
+        ds = PretrainingDataset(root / "data", "train", seed=3, max_predictions=5)
     sp = ds.meta["special_ids"]
     specials = set(sp.values())
     n_label = n_mask = n_keep = n_rand = 0
@@ -177,9 +307,9 @@ def test_items_layout_and_masking_invariants(corpus):
         t = it["token_type_ids"].numpy()
         assert np.all(t[:la + 2] == 0) and np.all(t[la + 2:n] == 1) and np.all(t[n:] == 0)
         labelled = np.flatnonzero(lab != IGNORE_INDEX)
-        # never [CLS], [SEP] or padding; round(15 %) of the maskable tokens, at least 1, at most 5
+        # never [CLS], [SEP] or padding; round(15 %) of all the tokens (Google's count), at least 1, at most 5
         assert not set(labelled.tolist()) & {0, la + 1, n - 1} and labelled.max() < n
-        assert len(labelled) == min(5, max(1, round(0.15 * (n - 3))))
+        assert len(labelled) == min(5, max(1, round(0.15 * n)))
         np.testing.assert_array_equal(lab[labelled], ids[labelled])  # labels are the original tokens
         unlabelled = np.setdiff1d(np.arange(48), labelled)
         np.testing.assert_array_equal(x[unlabelled[unlabelled < n]], ids[unlabelled[unlabelled < n]])
@@ -196,6 +326,71 @@ def test_items_layout_and_masking_invariants(corpus):
     for frac, p in ((n_mask, 0.8), (n_keep, 0.1), (n_rand, 0.1)):
         sd = np.sqrt(p * (1 - p) / n_label)
         assert abs(frac / n_label - p) < 4 * sd + 0.01, (frac / n_label, p)
+
+
+def test_masked_fraction_is_15_percent_of_all_tokens_and_the_cap_follows_the_length(corpus, recwarn):
+    root, _ = corpus
+    assert [default_max_predictions(t) for t in (128, 512, 64, 48, 20)] == [20, 77, 10, 8, 3]
+    ds = PretrainingDataset(root / "data", "train", seed=4)  # cap from the length: ceil(0.15 · 48) = 8
+    assert ds.max_predictions == 8 and ds.cap_binds == 0.0
+    labelled = total = 0
+    for i in range(len(ds)):
+        it = ds[i]
+        labelled += int((it["labels"] != IGNORE_INDEX).sum())
+        total += int(it["attention_mask"].sum())
+    # Rounding per sequence only: the labelled share of all real tokens ([CLS]/[SEP] counted) is 15 %.
+    assert abs(labelled / total - 0.15) < 0.005, labelled / total
+    assert not [w for w in recwarn if "max_predictions" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"max_predictions=3 caps .* raise max_predictions to 8"):
+        tight = PretrainingDataset(root / "data", "train", max_predictions=3)
+    assert tight.cap_binds > 0.5
+
+
+def test_whole_word_masking_takes_words_whole():
+    rng = np.random.default_rng(0)
+    # [CLS] a ##b ##c d ##e [SEP] ##g ##h [SEP]: words {1,2,3} {4,5} | {7,8} (a ## after [SEP] starts a word)
+    ids = np.arange(100, 110)
+    maskable = np.ones(10, bool)
+    maskable[[0, 6, 9]] = False
+    word_start = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], bool)
+    words = [{1, 2, 3}, {4, 5}, {7, 8}]
+    seen_sizes = set()
+    for _ in range(200):
+        out, labels = mask_tokens(ids, maskable, rng, mask_id=1, random_ids=np.arange(50, 60), mask_prob=0.5,
+                                  max_predictions=20, word_start=word_start)
+        chosen = set(np.flatnonzero(labels != IGNORE_INDEX).tolist())
+        assert len(chosen) <= 5  # round(0.5 · 10) = 5, never exceeded: a word that does not fit is skipped
+        for w in words:
+            assert w <= chosen or not w & chosen  # a word is masked whole or not at all
+        seen_sizes.add(len(chosen))
+    # 3 + 2 = 5, or 2 + 2 = 4 with the 3-token word skipped. Were {4,5} and {7,8} one word (Google's code
+    # joins a ## after [SEP] to segment A's last word), the sizes would be 3 or 4.
+    assert seen_sizes == {4, 5}
+
+
+def test_whole_word_masking_on_a_dataset(tmp_path):
+    tokens = list(prep.SPECIAL_TOKENS) + WORDS + ["##x", "##y", "."]
+    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
+    rng = random.Random(0)
+    docs = ["\n".join(" ".join(f"w{rng.randrange(40)}" + rng.choice(["", "x", "xy"]) for _ in range(8)) + " ."
+                      for _ in range(6)) for _ in range(30)]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n")
+    prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "d"), inputs=(str(tmp_path / "c.txt"),),
+                                    vocab=str(tmp_path / "vocab.txt"), max_seq_len=40, dupe_factor=1,
+                                    heldout_fraction=0.0), log=lambda m: None)
+    ds = PretrainingDataset(tmp_path / "d", "train", seed=2, whole_word_mask=True)
+    pieces = {5 + len(WORDS), 6 + len(WORDS)}  # ##x, ##y
+    split_words = 0
+    for i in range(len(ds)):
+        ids, _, _, _ = ds.instance(i)
+        lab = ds[i]["labels"].numpy()[:len(ids)]
+        n = len(ids)
+        assert 1 <= (lab != IGNORE_INDEX).sum() <= max(1, round(0.15 * n))
+        for p in range(1, n - 1):
+            if ids[p] in pieces and ids[p - 1] not in (ds.sep_id, ds.cls_id):
+                split_words += 1
+                assert (lab[p] != IGNORE_INDEX) == (lab[p - 1] != IGNORE_INDEX)  # with the piece before it
+    assert split_words > 100
 
 
 def test_masking_is_dynamic_and_reproducible(corpus):
@@ -215,7 +410,7 @@ def test_masking_is_dynamic_and_reproducible(corpus):
 def test_collate_trims_unused_padding(corpus):
     root, _ = corpus
     ds = PretrainingDataset(root / "data", "train")
-    short = [i for i in range(len(ds)) if ds.offsets[i + 1] - ds.offsets[i] < 10][:3]
+    short = [i for i in range(len(ds)) if ds.offsets[i + 1] - ds.offsets[i] < 20][:3]
     assert short, "the corpus should have some short instances"
     b = collate([ds[i] for i in short], pad_to_multiple=8)
     longest = max(int(ds.offsets[i + 1] - ds.offsets[i]) + 3 for i in short)

@@ -94,6 +94,18 @@ def test_loss_falls_and_outputs_are_written(trained):
     assert result["eval_mlm_loss"] == evals[-1]["eval_mlm_loss"] < 2.5
     assert result["eval_mlm_acc"] > 0.12 and result["eval_nsp_acc"] > 0.8
     assert result["eval_sequences"] > 0
+    # The constant baselines printed at the end, recomputed by hand: "." is the most frequent token.
+    import numpy as np
+
+    from train.dataset import PretrainingDataset
+
+    held = PretrainingDataset(Path(cfg.data_dir), "heldout", seed=cfg.seed + 1, max_predictions=5, fixed_masking=True)
+    labels = np.concatenate([held[i]["labels"].numpy() for i in range(result["eval_sequences"])])
+    labels = labels[labels != -100]
+    assert result["unigram_token"] == "."
+    assert result["unigram_mlm_acc"] == pytest.approx(np.mean(labels == 5 + len(WORDS)))
+    assert result["unigram_mlm_acc"] < result["eval_mlm_acc"]
+    assert 0.3 < result["majority_nsp_acc"] < 0.8 and result["majority_nsp_acc"] < result["eval_nsp_acc"] - 0.2
     ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert ckpts == ["step_00000100", "step_00000200"]
     assert (out / "checkpoints" / "step_00000200" / "trainer_state.pt").is_file()
@@ -180,9 +192,11 @@ def test_torchrun_two_processes_equal_one(data, tmp_path):
     assert single["eval_mlm_acc"] == pytest.approx(records(tmp_path / "ddp", "eval")[-1]["eval_mlm_acc"])
 
 
-def test_phase2_continues_from_phase1(trained, data, tmp_path):
+def test_phase2_continues_from_phase1(trained, data, tmp_path, recwarn):
     cfg1, _ = trained
-    common = dict(MICRO, data_dir=str(data / "data48"), max_steps=2, log_every=1, warmup_steps=1, lr=1e-4)
+    # As the README's phase-2 command: no --max-predictions, so the cap follows the longer data (no warning).
+    common = dict(MICRO, data_dir=str(data / "data48"), max_steps=2, log_every=1, warmup_steps=1, lr=1e-4,
+                  max_predictions=0)
     cont = pretrain(PretrainConfig(**common, out_dir=str(tmp_path / "p2"), init_from=str(Path(cfg1.out_dir))))
     pretrain(PretrainConfig(**common, out_dir=str(tmp_path / "fresh")))
     first_cont, first_fresh = records(tmp_path / "p2")[0], records(tmp_path / "fresh")[0]
@@ -190,13 +204,15 @@ def test_phase2_continues_from_phase1(trained, data, tmp_path):
     assert cont["eval_nsp_acc"] > 0.8
     saved = json.loads((tmp_path / "p2" / "model" / "config.json").read_text())
     assert saved["hidden_size"] == 32 and saved["max_position_embeddings"] == 512
+    assert not [w for w in recwarn if "max_predictions" in str(w.message)]
 
 
 def test_cli_precedence_and_errors(capsys):
-    assert main(["--preset", "tiny", "--demo", "--lr", "3e-3", "--no-fused", "--print-config"]) == 0
+    assert main(["--preset", "tiny", "--demo", "--lr", "5e-3", "--no-fused", "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
-    assert shown["lr"] == 3e-3 and shown["fused"] is False  # flags given win
+    assert shown["lr"] == 5e-3 and shown["fused"] is False  # flags given win
     assert shown["max_seq_len"] == 64 and shown["optimizer"] == "adamw"  # DEMO over the preset
+    assert shown["vocab_size"] == 4096 and shown["max_predictions"] == 0  # 0: ceil(0.15 · 64) = 10
     assert main(["--preset", "base", "--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["grad_accum"] == 4 and shown["optimizer"] == "lamb" and shown["demo"] is False

@@ -1,0 +1,73 @@
+"""The transfer comparison's in-domain pretraining text never holds a fine-tuning train or test snippet."""
+
+from __future__ import annotations
+
+import bz2
+import csv
+
+import pytest
+
+from train.classification_data import embedded_task_split
+from train.transfer import TransferConfig, domain_documents, main, write_documents
+
+
+def write_rt_csv(path, rows) -> None:
+    with bz2.open(path, "wt", encoding="utf-8", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["category", "text", "movie_name", "has_plot_and_reviews"])
+        w.writeheader()
+        for category, text, movie in rows:
+            w.writerow({"category": category, "text": text, "movie_name": movie, "has_plot_and_reviews": "True"})
+
+
+def test_domain_documents_leave_out_the_splits_on_a_small_file(tmp_path):
+    rows = [("plot", "A man walks.\n\nHe talks.", "m0")]
+    rows += [("fresh" if k % 3 else "rotten", f"review number {k} of the film", f"m{k % 4}") for k in range(40)]
+    rows += [("fresh", "review number 7 of the film", "m9")]  # a duplicate of a snippet: left out when 7 is used
+    path = tmp_path / "rt.csv.bz2"
+    write_rt_csv(path, rows)
+    train, test, _ = embedded_task_split("rotten_tomatoes", 12, 8, 0, source=path)
+    docs, counts = domain_documents(path, data_seed=0, sizes=(12, 8))
+    assert docs[0] == ["A man walks.", "He talks."] and counts["plot_documents"] == 1
+    lines = {line for d in docs[1:] for line in d}
+    used = {ex.text_a for ex in (*train, *test)}
+    assert not lines & used
+    assert lines == {f"review number {k} of the film" for k in range(40)} - used
+    dup_left_out = "review number 7 of the film" in used
+    assert counts["reviews_left_out"] == 20 + dup_left_out and counts["reviews"] == 41
+    # Grouped by movie: every line of a document comes from one movie.
+    movie = {f"review number {k} of the film": k % 4 for k in range(40)}
+    assert all(len({movie[line] for line in d}) == 1 for d in docs[1:])
+    write_documents(docs, tmp_path / "d.txt")
+    assert (tmp_path / "d.txt").read_text().split("\n\n")[0] == "A man walks.\nHe talks."
+
+
+def test_domain_text_of_the_embedded_file_is_disjoint_from_the_test_snippets():
+    from fastbert.resources import ResourceNotFound, rotten_tomatoes_path
+
+    try:
+        rotten_tomatoes_path()
+    except ResourceNotFound as e:
+        pytest.skip(str(e))
+    train, test, _ = embedded_task_split("rotten_tomatoes", None, None, 0)
+    docs, counts = domain_documents()
+    assert counts["plot_documents"] > 1000 and counts["reviews_used"] > 8000
+    assert counts["reviews_used"] + counts["reviews_left_out"] == counts["reviews"]
+    lines = {line for d in docs for line in d}
+    assert not lines & {ex.text_a for ex in (*train, *test)}
+    # Stronger for the test split: no test snippet occurs anywhere in the text, even inside a longer line.
+    text = "\n".join(lines)
+    inside = [ex.text_a for ex in test if ex.text_a in text]
+    assert not inside, inside[:3]
+
+
+def test_transfer_options_are_checked(tmp_path, capsys):
+    with pytest.raises(ValueError, match="seeds"):
+        TransferConfig(seeds=0).validate()
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TransferConfig(pretrain_steps=10, warmup_steps=20).validate()
+    with pytest.raises(ValueError, match="ft_dropout"):
+        TransferConfig(ft_dropout=1.5).validate()
+    with pytest.raises(ValueError, match="only"):
+        TransferConfig(only="neither").validate()
+    assert main(["--pretrained", str(tmp_path / "missing")]) == 2
+    assert "pretrained model folder not found" in capsys.readouterr().err
