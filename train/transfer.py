@@ -59,6 +59,8 @@ class TransferConfig:
     batch_size: int = 32
     max_length: int = 64
     data_seed: int = 0  # the Rotten Tomatoes train / test split (fastbert-finetune's default)
+    train_size: int | None = None  # None: the task's 3,000 train snippets (smaller only for smoke runs)
+    test_size: int | None = None  # None: the task's 1,000 test snippets
     threads: int = 1  # torch CPU threads for every job (0 = torch's default)
     only: str = "both"  # the fine-tunings to run: both, pretrained or random_init (a curve reuses one baseline)
     reinit_pooler: bool = True  # start the pretrained model's pooler afresh (it is trained by NSP alone, which a
@@ -68,6 +70,9 @@ class TransferConfig:
         for name in ("pretrain_steps", "seeds", "epochs", "batch_size", "vocab_size", "dupe_factor"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_size", "test_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         if not 0 <= self.warmup_steps <= self.pretrain_steps:
             raise ValueError(f"warmup_steps must be in [0, pretrain_steps], got {self.warmup_steps}")
         if not (self.lr > 0 and self.ft_lr > 0):
@@ -137,7 +142,8 @@ def pretrain_checkpoint(cfg: TransferConfig, out_dir: Path, log=print) -> Path:
     from .pretrain import PretrainConfig, pretrain
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    docs, counts = domain_documents(data_seed=cfg.data_seed)
+    sizes = (cfg.train_size or ROTTEN_TOMATOES_SIZES[0], cfg.test_size or ROTTEN_TOMATOES_SIZES[1])
+    docs, counts = domain_documents(data_seed=cfg.data_seed, sizes=sizes)
     log(f"in-domain text: {counts['plot_documents']} plot snippets, {counts['reviews_used']} of "
         f"{counts['reviews']} reviews in {counts['review_documents']} movie documents "
         f"({counts['reviews_left_out']} left out: in the fine-tuning train / test splits)")
@@ -164,11 +170,12 @@ def pretrain_checkpoint(cfg: TransferConfig, out_dir: Path, log=print) -> Path:
 def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -> dict:
     """Fine-tune `folder` and a random-init model of its architecture for each seed; the summary dict."""
     from fastbert.config import BertConfig
-    from fastbert.modeling import BertForSequenceClassification
+    from fastbert.models import BertForSequenceClassification  # the class finetune() expects (fused when asked)
 
     from .finetune import FinetuneConfig, finetune, load_tokenizer
 
-    arch = BertConfig.from_json_file(folder / "config.json").replace(num_labels=2)
+    # The plain PyTorch reference (every fusion off): these jobs run on the CPU.
+    arch = BertConfig.from_json_file(folder / "config.json").replace(num_labels=2).with_fusions(False)
     changes = {} if cfg.ft_dropout is None else dict(hidden_dropout_prob=cfg.ft_dropout,
                                                      attention_probs_dropout_prob=cfg.ft_dropout)
     tokenizer = load_tokenizer(folder)
@@ -178,6 +185,7 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
             fcfg = FinetuneConfig(
                 task="rotten_tomatoes", init=str(folder), epochs=cfg.epochs, lr=cfg.ft_lr,
                 batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed, data_seed=cfg.data_seed,
+                train_size=cfg.train_size, test_size=cfg.test_size,
                 output_dir=str(out_dir / f"ft-{kind}-seed{seed}"), save_model=False, eval_every_epoch=False,
                 device="cpu",
             )
@@ -193,7 +201,7 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
             acc = float(metrics["metrics"]["accuracy"])
             runs[kind].append(acc)
             log(f"seed {seed} {kind:<11s} test accuracy {acc:.4f} ({time.perf_counter() - t0:.0f} s)")
-    _, test, _ = embedded_task_split("rotten_tomatoes", None, None, cfg.data_seed)
+    _, test, _ = embedded_task_split("rotten_tomatoes", cfg.train_size, cfg.test_size, cfg.data_seed)
     summary: dict = {"majority_class_acc": float(np.bincount([ex.label for ex in test]).max() / len(test))}
     for kind, accs in runs.items():
         summary[f"{kind}_acc"], summary[f"{kind}_mean"] = accs, float(np.mean(accs))

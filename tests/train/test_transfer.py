@@ -71,3 +71,41 @@ def test_transfer_options_are_checked(tmp_path, capsys):
         TransferConfig(only="neither").validate()
     assert main(["--pretrained", str(tmp_path / "missing")]) == 2
     assert "pretrained model folder not found" in capsys.readouterr().err
+
+
+def test_transfer_fine_tunes_a_pretraining_checkpoint_and_random_init(tmp_path):
+    """End to end on a tiny checkpoint and a few snippets: both models go through finetune() (which accepts only
+    its own model class), the pretrained one starts from the file's encoder weights."""
+    import torch
+
+    from fastbert import BertConfig
+    from fastbert.checkpoint import save_pretrained
+    from fastbert.models import BertForPreTraining
+    from fastbert.resources import ResourceNotFound, rotten_tomatoes_path
+    from fastbert.tokenizer import Tokenizer
+    from train.transfer import finetune_both
+
+    try:
+        rotten_tomatoes_path()
+    except ResourceNotFound as e:
+        pytest.skip(str(e))
+    minilm_vocab = Tokenizer.from_file(_minilm_folder()).backend_tokenizer.get_vocab_size()
+    config = BertConfig.from_preset("tiny", hidden_size=24, intermediate_size=40, vocab_size=minilm_vocab,
+                                    max_position_embeddings=40)
+    torch.manual_seed(0)
+    pretrained = BertForPreTraining(config)
+    folder = tmp_path / "model"
+    save_pretrained(pretrained, folder, extra_files=lambda f: (f / "vocab.txt").write_text(
+        (_minilm_folder() / "vocab.txt").read_text(encoding="utf-8"), encoding="utf-8"))
+    cfg = TransferConfig(pretrained=str(folder), out_dir=str(tmp_path / "out"), seeds=1, epochs=1, batch_size=8,
+                         max_length=24, train_size=24, test_size=16)
+    cfg.validate()
+    summary = finetune_both(cfg, folder, tmp_path / "out", log=lambda m: None)
+    assert set(summary) >= {"pretrained_mean", "random_init_mean", "gain_points", "majority_class_acc"}
+    assert all(0.0 <= summary[k] <= 1.0 for k in ("pretrained_mean", "random_init_mean", "majority_class_acc"))
+
+
+def _minilm_folder():
+    from fastbert.resources import minilm_path
+
+    return minilm_path()
