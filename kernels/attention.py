@@ -47,11 +47,11 @@ k, v share the head count). The padded layout still computes the padded query ro
 (masked): use the varlen layout to skip padding. Only the last, partial key block is bounds-checked in the
 forward; with a padding mask every key block reads its mask bytes. The default backward's dQ sums come in a run-
 dependent order (fp32 atomics): use deterministic=True for bitwise repeatability. 16-bit calls with head dim >
-64 always run the two-pass backward: no one-pass tile compiles without spilling there (dK and dV alone fill half
-the register file). Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
-cu_seqlens (self-attention only). The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read
-cu_seqlens on the host once per tensor (cached by identity and version) and are skipped while torch.compile
-traces.
+64 always run the two-pass backward: no one-pass tile compiles clean there (each spills, lowers dQ to mma.sync or
+duplicates warpgroup work; dK and dV alone fill half the register file). Dropout needs Tq·row_stride < 2**31
+(T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only). The cu_seqlens value checks
+(monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per tensor (cached by identity and
+version) and are skipped while torch.compile traces.
 """
 
 from __future__ import annotations
