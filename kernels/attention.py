@@ -122,11 +122,13 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # - fp32 (IEEE dots: FMAs, no tensor cores) needs far more registers: most tiles of 64 rows or more spill
 #   kilobytes from d = 64, and which small tiles stay clean is irregular. fp32 is the exactness path, not the
 #   fast one: small tiles only, every one compiled spill-free with both training switch sets (key padding +
-#   dropout, varlen + dropout). 8 warps and 2 stages spill least (1 stage spills more, not less). Re-pruned from
+#   dropout, varlen + dropout). 8 warps spill least, and 1 stage spills more than 2 or 3, not less. Re-pruned from
 #   the compiled code (before → after, spill bytes): forward d = 64 136–672 → 0 (16×32, 32×16, 16×16 with 8 warps;
 #   32×32 spills 192 even with 8 warps, 360 with 1 stage), d = 128 264–4224 → 0 (only 16×16 with 8 warps is clean:
-#   16×32 spills 296, 16×16 with 4 warps 544–600), d = 32 288–376 → 0; backward (one-pass) d = 64 16 → 0, d = 128
-#   32–468 → 0; dK/dV d = 64 (varlen) 16 → 0 and d = 128 24–32 → 0; dQ d = 64 12 → 0, d = 128 (varlen) 24 → 0.
+#   16×32 spills 296, 16×16 with 4 warps 544–600), d = 32 288–376 → 0 (32×32 / 3 stages: 32 with varlen); backward
+#   (one-pass) d = 64 16 → 0, d = 128 32–468 → 0 (ptxas is irregular here: with 2 stages 16×32 spills 24 with varlen
+#   and 16×16 16 with key padding, with 3 stages both are clean); dK/dV d = 64 (varlen) 16 → 0 and d = 128
+#   24–32 → 0; dQ d = 64 12 → 0, d = 128 (varlen) 24 → 0.
 # - forward: 128×64 and 128×128 with 8 warps and 64×64 / 64×128 with 4 warps are clean at every head dim;
 #   128×128 with 4 warps (FA2 / the Triton tutorial) spills kilobytes from d = 32 and 128×64 with 4 warps from
 #   d = 64, so those stay out.
