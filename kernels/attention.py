@@ -47,11 +47,11 @@ k, v share the head count). The padded layout still computes the padded query ro
 (masked): use the varlen layout to skip padding. Only the last, partial key block is bounds-checked in the
 forward; with a padding mask every key block reads its mask bytes. The default backward's dQ sums come in a run-
 dependent order (fp32 atomics): use deterministic=True for bitwise repeatability. 16-bit calls with head dim >
-64 always run the two-pass backward: no one-pass tile compiles without spilling there (dK and dV alone fill half
-the register file). Dropout needs Tq·row_stride < 2**31 (T ≤ 46340). In the varlen layout q and k share
-cu_seqlens (self-attention only). The cu_seqlens value checks (monotonic, total, lengths ≤ max_seqlen) read
-cu_seqlens on the host once per tensor (cached by identity and version) and are skipped while torch.compile
-traces.
+64 always run the two-pass backward: no one-pass tile compiles clean there (each spills, lowers dQ to mma.sync or
+duplicates warpgroup work; dK and dV alone fill half the register file). Dropout needs Tq·row_stride < 2**31
+(T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only). The cu_seqlens value checks
+(monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per tensor (cached by identity and
+version) and are skipped while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -121,17 +121,28 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # What the data showed:
 # - fp32 (IEEE dots: FMAs, no tensor cores) needs far more registers: most tiles of 64 rows or more spill
 #   kilobytes from d = 64, and which small tiles stay clean is irregular. fp32 is the exactness path, not the
-#   fast one: small tiles only.
+#   fast one: small tiles only, every one compiled spill-free with both training switch sets (key padding +
+#   dropout, varlen + dropout). 8 warps spill least, and 1 stage spills more than 2 or 3, not less. Re-pruned from
+#   the compiled code (before → after, spill bytes): forward d = 64 136–672 → 0 (16×32, 32×16, 16×16 with 8 warps;
+#   32×32 spills 192 even with 8 warps, 360 with 1 stage), d = 128 264–4224 → 0 (only 16×16 with 8 warps is clean:
+#   16×32 spills 296, 16×16 with 4 warps 544–600), d = 32 288–376 → 0 (32×32 / 3 stages: 32 with varlen); backward
+#   (one-pass) d = 64 16 → 0, d = 128 32–468 → 0 (ptxas is irregular here: with 2 stages 16×32 spills 24 with varlen
+#   and 16×16 16 with key padding, with 3 stages both are clean); dK/dV d = 64 (varlen) 16 → 0 and d = 128
+#   24–32 → 0; dQ d = 64 12 → 0, d = 128 (varlen) 24 → 0.
 # - forward: 128×64 and 128×128 with 8 warps and 64×64 / 64×128 with 4 warps are clean at every head dim;
 #   128×128 with 4 warps (FA2 / the Triton tutorial) spills kilobytes from d = 32 and 128×64 with 4 warps from
 #   d = 64, so those stay out.
 # - one-pass backward (`bwd`: the products are Kᵀ-side [BLOCK_N, ·] and the dQ product [BLOCK_M, d]): both block
 #   sizes >= 64, and 8 warps only with BLOCK_N = 128; at d = 32 / 64 64×64 with 4 warps and 64×128 with 8 are
-#   clean, 128-row query blocks and 4-warp 128-key blocks spill. At d = 128 every candidate spills (dK and dV
-#   alone are 128 fp32 registers a thread): the 16-bit d = 128 list is empty and the launcher runs the two-pass
-#   backward there (its kernels have clean tiles).
+#   clean, 128-row query blocks and 4-warp 128-key blocks spill. At d = 128 every candidate spills or breaks a
+#   rule (dK and dV alone are 128 fp32 registers a thread), fp16, key padding + dropout, all at 255 registers:
+#   64×64/4 warps 684 B (1 stage) / 432 (2), 64×128/8 380 / 316, 128×128/8 3112, 128×64/8 780 and WARP-DUP;
+#   32-row query blocks lower dQ to mma.sync and spill too (32×64/4 236 / 376, 32×128/8 132); 64×64/8 warps spills
+#   0 (2 stages) / 28 (1) but both warpgroups compute the same 64×64 Sᵀ / dPᵀ (warpsPerCTA [8, 1]). So the 16-bit
+#   d = 128 list is empty and the launcher runs the two-pass backward there (its kernels have clean tiles).
 # - two-pass backward: dK/dV (BLOCK_N keys per program) 64×64 / 32×64 with 4 warps, 64×128 / 32×128 with 8;
-#   dQ (BLOCK_M queries per program) 64-row tiles with 4 warps, 128-row tiles with 8.
+#   dQ (BLOCK_M queries per program) 64-row tiles with 4 warps, 128-row tiles with 8. At d = 128 the 32×64 4-warp
+#   dK/dV tile runs 2 stages: with 3 it spilled 8 B, with 2 (or 1) it spills 0.
 # Head dims 16 and 32 share the BLOCK_D = 32 lists (d = 16 is not compiled separately: a smaller BLOCK_D should
 # only lower register use).
 _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
@@ -147,7 +158,7 @@ _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
                    (32, 128, 4, 2)],
     ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
-    ("dkdv", 128): [(32, 128, 8, 2), (32, 64, 4, 3)],
+    ("dkdv", 128): [(32, 128, 8, 2), (32, 64, 4, 2)],
     ("dq", 32): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
                  (64, 32, 4, 3), (128, 32, 4, 2)],
     ("dq", 64): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 3),
@@ -155,18 +166,18 @@ _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
     ("dq", 128): [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)],
 }  # fmt: skip
 _TILES_FP32: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
-    ("fwd", 32): [(64, 32, 4, 2), (64, 32, 4, 3), (32, 64, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 8, 2)],
-    ("fwd", 64): [(64, 32, 8, 3), (32, 32, 4, 2), (32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)],
-    ("fwd", 128): [(32, 64, 8, 2), (16, 64, 8, 2), (16, 32, 8, 2), (16, 16, 4, 2)],
+    ("fwd", 32): [(32, 64, 8, 2), (32, 32, 8, 2), (64, 32, 8, 2), (16, 64, 8, 2), (64, 16, 8, 2), (32, 16, 8, 2)],
+    ("fwd", 64): [(16, 32, 8, 2), (16, 32, 8, 3), (32, 16, 8, 2), (16, 16, 8, 2)],
+    ("fwd", 128): [(16, 16, 8, 2), (16, 16, 8, 3)],
     ("bwd", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
-    ("bwd", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
-    ("bwd", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("bwd", 64): [(32, 16, 4, 2), (16, 32, 4, 2), (16, 32, 8, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+    ("bwd", 128): [(32, 16, 8, 2), (32, 16, 8, 3), (16, 32, 8, 3), (16, 16, 8, 3)],
     ("dkdv", 32): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
-    ("dkdv", 64): [(32, 32, 8, 2), (32, 16, 4, 2), (16, 32, 4, 2)],
-    ("dkdv", 128): [(32, 32, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
+    ("dkdv", 64): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 16, 8, 2), (16, 16, 8, 2)],
+    ("dkdv", 128): [(16, 32, 8, 2), (32, 16, 8, 2), (16, 32, 4, 2), (16, 16, 4, 2)],
     ("dq", 32): [(32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 32, 4, 3)],
-    ("dq", 64): [(32, 32, 4, 2), (32, 32, 4, 3), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
-    ("dq", 128): [(32, 32, 4, 2), (32, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
+    ("dq", 64): [(32, 32, 4, 2), (32, 32, 4, 3), (16, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2)],
+    ("dq", 128): [(32, 32, 4, 2), (16, 32, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)],
 }  # fmt: skip
 # The interpreter runs every config in numpy: one small tile keeps the CPU tests fast.
 _INTERPRETER_TILE = (64, 32, 4, 1)
