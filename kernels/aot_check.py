@@ -1,6 +1,6 @@
 """Compile every Triton kernel of `kernels/` ahead of time for a CUDA GPU, without a GPU.
 
-    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--configs N] | --dropout-cost]
+    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--family F] [--configs N] | --dropout-cost]
                                 [--jobs N] [--kernel SUBSTRING] [--report PATH.json] [--csv PATH.csv] [--verbose]
 
 Why: the CPU test-suite runs the kernels through Triton's interpreter, which accepts code the real
@@ -15,8 +15,10 @@ What is compiled — the variants are read off the launchers (keep `_variants` i
 - dtypes fp32 / fp16 / bf16 for the activation pointers; parameter pointers that may stay fp32 under
   autocast (LayerNorm γ/β and bias, the MLM decoder bias) also in fp32 beside fp16/bf16 activations;
 - every boolean / code constexpr the launchers pass (ACTIVATION, STORE_PRE, SPLIT, DOT_PRECISION, VARLEN,
-  HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH) in the
-  combinations the launchers produce;
+  HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH, NUM_SMS = 132) in
+  the combinations the launchers produce — both GEMM kernels (cp.async `_gemm_bias_act_kernel`, and
+  `_gemm_tma_persistent_kernel`, whose host TMA descriptors become ``tensordesc<fp16[BM, BK]>`` signature
+  entries) and the cuBLAS path's GELU epilogue `_bias_gelu_kernel` (at N = 768 / 1024 / 3072 / 4096);
 - every autotune config (block sizes, warps, stages) the kernel's autotuner keeps for that dtype / head dim /
   epilogue (its ``early_config_prune``, called here on stand-in tensors), or the launch-config rule's output at
   the BERT sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
@@ -24,8 +26,10 @@ How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every ke
 switch combination, the smallest autotune config (about 40 compiles, about a minute on two cores; what the
 test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
 every other combination with the smallest config (several hundred compiles, tens of minutes on two cores);
-``--all`` — the full product; ``--gate`` — every shipped fp16 attention config at head dims 32 / 64 / 128 with
-the training switches (``--configs N``: the first N of each list, what the test-suite runs); ``--dropout-cost``
+``--all`` — the full product; ``--gate`` — ``--family attention`` (the default): every shipped fp16 attention
+config at head dims 32 / 64 / 128 with the training switches; ``--family gemm``: every shipped fp16 config of
+both GEMM kernels in every launch combination (``--configs N``: the first N of each list, what the test-suite
+runs; for the GEMM plus the fixed per-bucket table's tiles, QKV and training FFN-up launches); ``--dropout-cost``
 — the attention configs at head dim 64 with dropout on and off. The report lists the problem rows and a
 per-kernel summary; ``--verbose`` lists every variant.
 
@@ -34,6 +38,8 @@ What is read off the compiled code, per variant (compile-time evidence, not a ti
   instructions are serialized" (flag WGMMA-SERIALIZED);
 - the tensor-core family and count from the PTX: ``wgmma.mma_async`` (Hopper) vs ``mma.sync`` (the Ampere path;
   flag MMA.SYNC for a 16-bit variant on sm_90) vs none (FMA loops, e.g. the IEEE fp32 dots);
+- the copies from the PTX: TMA loads / stores (``cp.async.bulk.tensor``, shared / global destination) and
+  ``cp.async`` (flag NO-TMA-LOADS or CP.ASYNC for a TMA kernel that lost them);
 - SASS (the bundled nvdisasm, cuobjdump as a fallback): instructions of the kernel and of its main loop body —
   the longest span from a label to a branch back to it, NOPs excluded;
 - duplicated work from the TTGIR layouts: a dot whose MMA layout gives two warps the same rows or columns
@@ -41,7 +47,8 @@ What is read off the compiled code, per variant (compile-time evidence, not a ti
 - with pairs that differ only in HAS_DROPOUT (``--dropout-cost``): SASS main-loop instructions added by dropout
   per score element, (loop with − loop without) ÷ (BLOCK_M·BLOCK_N ÷ 32·num_warps).
 ``--report PATH.json`` writes one record per variant (kernel, dtype, constexprs, num_warps, num_stages, ok,
-registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, ptxas_warnings,
+registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, tma_loads, tma_stores,
+cp_async, ptxas_warnings,
 sass_instructions, sass_loop_instructions, plus shapes, warpgroup_dup, error) for any mode; ``--csv PATH.csv`` the
 same as a small table (benchmarks/results/aot_sm90.csv holds the default mode's).
 
