@@ -1,6 +1,6 @@
 """Compile every Triton kernel of `kernels/` ahead of time for a CUDA GPU, without a GPU.
 
-    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--configs N] | --dropout-cost]
+    python -m kernels.aot_check [--arch 90] [--quick | --all | --gate [--family F] [--configs N] | --dropout-cost]
                                 [--jobs N] [--kernel SUBSTRING] [--report PATH.json] [--csv PATH.csv] [--verbose]
 
 Why: the CPU test-suite runs the kernels through Triton's interpreter, which accepts code the real
@@ -15,8 +15,10 @@ What is compiled — the variants are read off the launchers (keep `_variants` i
 - dtypes fp32 / fp16 / bf16 for the activation pointers; parameter pointers that may stay fp32 under
   autocast (LayerNorm γ/β and bias, the MLM decoder bias) also in fp32 beside fp16/bf16 activations;
 - every boolean / code constexpr the launchers pass (ACTIVATION, STORE_PRE, SPLIT, DOT_PRECISION, VARLEN,
-  HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH) in the
-  combinations the launchers produce;
+  HAS_MASK, HAS_DROPOUT, IEEE, FROM_SCORES, HAS_BIAS, HAS_RES, WRITE_GRAD, APPROX_TANH, NUM_SMS = 132) in
+  the combinations the launchers produce — both GEMM kernels (cp.async `_gemm_bias_act_kernel`, and
+  `_gemm_tma_persistent_kernel`, whose host TMA descriptors become ``tensordesc<fp16[BM, BK]>`` signature
+  entries) and the cuBLAS path's GELU epilogue `_bias_gelu_kernel` (at N = 768 / 1024 / 3072 / 4096);
 - every autotune config (block sizes, warps, stages) the kernel's autotuner keeps for that dtype / head dim /
   epilogue (its ``early_config_prune``, called here on stand-in tensors), or the launch-config rule's output at
   the BERT sizes: hidden 768 / 1024, head dim 32 / 64 / 128, sequence 128 / 512, vocabulary 30522.
@@ -24,8 +26,10 @@ How much of that space (see `QUICK`, `DEFAULT`, `ALL`): ``--quick`` — every ke
 switch combination, the smallest autotune config (about 40 compiles, about a minute on two cores; what the
 test-suite runs); the default — every autotune config × dtype × head dim for the main switch combinations,
 every other combination with the smallest config (several hundred compiles, tens of minutes on two cores);
-``--all`` — the full product; ``--gate`` — every shipped fp16 attention config at head dims 32 / 64 / 128 with
-the training switches (``--configs N``: the first N of each list, what the test-suite runs); ``--dropout-cost``
+``--all`` — the full product; ``--gate`` — ``--family attention`` (the default): every shipped fp16 attention
+config at head dims 32 / 64 / 128 with the training switches; ``--family gemm``: every shipped fp16 config of
+both GEMM kernels in every launch combination (``--configs N``: the first N of each list, what the test-suite
+runs; for the GEMM plus the fixed per-bucket table's tiles, QKV and training FFN-up launches); ``--dropout-cost``
 — the attention configs at head dim 64 with dropout on and off. The report lists the problem rows and a
 per-kernel summary; ``--verbose`` lists every variant.
 
@@ -34,6 +38,8 @@ What is read off the compiled code, per variant (compile-time evidence, not a ti
   instructions are serialized" (flag WGMMA-SERIALIZED);
 - the tensor-core family and count from the PTX: ``wgmma.mma_async`` (Hopper) vs ``mma.sync`` (the Ampere path;
   flag MMA.SYNC for a 16-bit variant on sm_90) vs none (FMA loops, e.g. the IEEE fp32 dots);
+- the copies from the PTX: TMA loads / stores (``cp.async.bulk.tensor``, shared / global destination) and
+  ``cp.async`` (flag NO-TMA-LOADS or CP.ASYNC for a TMA kernel that lost them);
 - SASS (the bundled nvdisasm, cuobjdump as a fallback): instructions of the kernel and of its main loop body —
   the longest span from a label to a branch back to it, NOPs excluded;
 - duplicated work from the TTGIR layouts: a dot whose MMA layout gives two warps the same rows or columns
@@ -41,7 +47,8 @@ What is read off the compiled code, per variant (compile-time evidence, not a ti
 - with pairs that differ only in HAS_DROPOUT (``--dropout-cost``): SASS main-loop instructions added by dropout
   per score element, (loop with − loop without) ÷ (BLOCK_M·BLOCK_N ÷ 32·num_warps).
 ``--report PATH.json`` writes one record per variant (kernel, dtype, constexprs, num_warps, num_stages, ok,
-registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, ptxas_warnings,
+registers, spill_bytes = spill stores + spill loads, shared_bytes, wgmma, mma_sync, tma_loads, tma_stores,
+cp_async, ptxas_warnings,
 sass_instructions, sass_loop_instructions, plus shapes, warpgroup_dup, error) for any mode; ``--csv PATH.csv`` the
 same as a small table (benchmarks/results/aot_sm90.csv holds the default mode's).
 
@@ -108,7 +115,10 @@ class KernelSpec:
     """`pointers`: arg → ACT, PARAM, a fixed "*fp32"/"*i32"/"*i64"/"*u8", or a function of the constexprs.
     `floats`: fp32 scalars. `unit`: ints that are 1 at every launch (unit strides: Triton makes them the
     constant 1). `data_dependent`: ints without the divisible-by-16 hint. Every other non-constexpr arg is
-    an ``i32`` that the launcher sees as a multiple of 16 at BERT sizes."""
+    an ``i32`` that the launcher sees as a multiple of 16 at BERT sizes. `descriptors`: host TMA tensor
+    descriptors (`triton.tools.tensor_descriptor.TensorDescriptor`) of the activation dtype, arg → the two
+    constexprs that give its block shape (the launcher's config pre-hook sets it): signature
+    ``tensordesc<fp16[BLOCK_M, BLOCK_K]>``, the spelling Triton's JIT gives a host descriptor."""
 
     module: str
     name: str
@@ -116,6 +126,7 @@ class KernelSpec:
     floats: tuple[str, ...] = ()
     unit: tuple[str, ...] = ()
     data_dependent: tuple[str, ...] = ()
+    descriptors: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
 _MASK_PTR = _if("HAS_MASK", "*u8", ACT)  # bool mask viewed as uint8, else q / scores as a dummy
@@ -132,7 +143,16 @@ KERNELS: dict[str, KernelSpec] = {
             {p: ACT for p in ("x_ptr", "w_ptr", "b_ptr", "y_ptr", "y1_ptr", "y2_ptr", "pre_ptr")},
             unit=("stride_xk", "stride_wk"), data_dependent=("M",),
         ),
+        KernelSpec(
+            "kernels.matmul", "_gemm_tma_persistent_kernel", {"b_ptr": ACT}, data_dependent=("M",),
+            descriptors={"x_desc": ("BLOCK_M", "BLOCK_K"), "w_desc": ("BLOCK_N", "BLOCK_K"),
+                         "y_desc": ("BLOCK_M", "BLOCK_N"), "pre_desc": ("BLOCK_M", "BLOCK_N")},
+        ),
         KernelSpec("kernels.matmul", "_gelu_backward_kernel", {"dy_ptr": ACT, "z_ptr": ACT, "dz_ptr": ACT}),
+        KernelSpec(
+            "kernels.bias_gelu", "_bias_gelu_kernel",
+            {"x_ptr": ACT, "b_ptr": ACT, "y_ptr": ACT, "pre_ptr": ACT}, data_dependent=("M",),
+        ),
         KernelSpec(
             "kernels.attention", "_attn_fwd_kernel",
             {"Q": ACT, "K": ACT, "V": ACT, "O": ACT, "LSE": "*fp32", "KEEP_KEY": _MASK_PTR, "CU": _CU_PTR},
@@ -239,6 +259,8 @@ _TORCH_DTYPE = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "u8": 
 
 def _stand_in_args(spec: KernelSpec, act: str, constexprs: dict) -> dict:
     """Empty CPU tensors of the launch's pointer dtypes, by arg name: what an `early_config_prune` reads."""
+    import types
+
     import torch
 
     args = {}
@@ -246,6 +268,8 @@ def _stand_in_args(spec: KernelSpec, act: str, constexprs: dict) -> dict:
         ty = ty(constexprs) if callable(ty) else ty
         ty = act if ty in (ACT, PARAM) else ty.lstrip("*")  # autotuned kernels: parameters share the act dtype
         args[name] = torch.empty(0, dtype=getattr(torch, _TORCH_DTYPE[ty]))
+    for name in spec.descriptors:  # a host TensorDescriptor's prune-relevant part: its base tensor
+        args[name] = types.SimpleNamespace(base=torch.empty(0, dtype=getattr(torch, _TORCH_DTYPE[act])))
     return args
 
 
@@ -281,12 +305,19 @@ def _tuned(name: str, combos: list[dict], n_main: int, n_quick: int, mode: str, 
                 yield constexprs, dim, config
 
 
+# The TMA + persistent GEMM's NUM_SMS constexpr: the launcher passes the device's SM count (H100 SXM / H200: 132).
+NUM_SMS_SM90 = 132
+
+
 def _gemm_variants(mode: str) -> Iterator[Variant]:
     # qkv_projection: three-way split, no activation; linear_bias_gelu: GELU erf/tanh, pre-activation
-    # stored when training. fp32 uses IEEE unless torch's float32 matmul precision allows TF32.
+    # stored when training. fp32 uses IEEE unless torch's float32 matmul precision allows TF32. The unsplit
+    # launches (packed QKV buffer, linear+GELU) take this kernel when the TMA kernel cannot (exact fp32, operands
+    # not 16-byte aligned); the packed-QKV one (no activation, unsplit) is the last combination.
     combos = [dict(ACTIVATION=0, STORE_PRE=False, SPLIT=True), dict(ACTIVATION=1, STORE_PRE=True, SPLIT=False),
               dict(ACTIVATION=2, STORE_PRE=True, SPLIT=False), dict(ACTIVATION=1, STORE_PRE=False, SPLIT=False),
-              dict(ACTIVATION=2, STORE_PRE=False, SPLIT=False)]  # fmt: skip
+              dict(ACTIVATION=2, STORE_PRE=False, SPLIT=False),
+              dict(ACTIVATION=0, STORE_PRE=False, SPLIT=False)]  # fmt: skip
     dims = [dict(dt="fp32", DOT_PRECISION="ieee"), dict(dt="fp16", DOT_PRECISION="tf32"),
             dict(dt="bf16", DOT_PRECISION="tf32"), dict(dt="fp32", DOT_PRECISION="tf32", _main=False)]  # fmt: skip
     launch_switches = lambda combo, dim: {**combo, "DOT_PRECISION": dim["DOT_PRECISION"]}
@@ -294,6 +325,40 @@ def _gemm_variants(mode: str) -> Iterator[Variant]:
     for constexprs, dim, (blocks, warps, stages) in _tuned("_gemm_bias_act_kernel", combos, 2, 2, mode, dims,
                                                            launch_switches):  # fmt: skip
         yield Variant("_gemm_bias_act_kernel", dim["dt"], dim["dt"], {**constexprs, **blocks}, warps, stages)
+    yield from _gemm_tma_variants(mode)
+
+
+def _gemm_tma_variants(mode: str) -> Iterator[Variant]:
+    # `gemm_bias_act` on sm_90 with one output buffer: linear+GELU (pre-activation stored when training) and the
+    # packed QKV buffer (no activation); never exact fp32 (`tma_supported`), so fp32 only with TF32.
+    combos = [dict(ACTIVATION=1, STORE_PRE=True), dict(ACTIVATION=0, STORE_PRE=False),
+              dict(ACTIVATION=2, STORE_PRE=True), dict(ACTIVATION=1, STORE_PRE=False),
+              dict(ACTIVATION=2, STORE_PRE=False)]  # fmt: skip
+    dims = [dict(dt="fp16"), dict(dt="bf16"), dict(dt="fp32", _main=False)]
+    launch_switches = lambda combo, dim: {**combo, "DOT_PRECISION": "tf32", "NUM_SMS": NUM_SMS_SM90}
+    for constexprs, dim, (blocks, warps, stages) in _tuned("_gemm_tma_persistent_kernel", combos, 2, 1, mode, dims,
+                                                           launch_switches):  # fmt: skip
+        yield Variant("_gemm_tma_persistent_kernel", dim["dt"], dim["dt"], {**constexprs, **blocks}, warps, stages)
+
+
+# The N of the cuBLAS path's GELU epilogue at BERT sizes: FFN up (4·hidden) and the MLM transform (hidden).
+BIAS_GELU_N = (3072, 4096, 768, 1024)
+
+
+def _bias_gelu_variants(mode: str) -> Iterator[Variant]:
+    from kernels.bias_gelu import _launch_config
+
+    # (HAS_BIAS, STORE_PRE): after torch.addmm (linear_bias_gelu: cuBLASLt added the bias) first; the public
+    # bias_gelu with a bias in training (stores x + b) and in inference.
+    combos = [(False, False), (True, True), (True, False)]
+    by_config: dict[tuple[int, int, int], list[int]] = {}
+    for n in BIAS_GELU_N:  # sizes whose launch rule gives the same blocks compile to one variant
+        by_config.setdefault(_launch_config(n), []).append(n)
+    for dt, act in itertools.product(DTYPES, (1,) if mode == QUICK else (1, 2)):
+        for bias, pre in combos[:1] if mode == QUICK else combos:
+            for (block_m, block_n, warps), sizes in by_config.items():
+                constexprs = dict(ACTIVATION=act, HAS_BIAS=bias, STORE_PRE=pre, BLOCK_M=block_m, BLOCK_N=block_n)
+                yield Variant("_bias_gelu_kernel", dt, dt, constexprs, warps, shapes="N=" + ",".join(map(str, sizes)))
 
 
 def _gelu_bwd_variants(mode: str) -> Iterator[Variant]:
@@ -328,11 +393,53 @@ def _attn_shipped(dt: str, head_dims: tuple[int, ...], switch_sets: list[dict], 
             yield Variant(name, dt, dt, {**constexprs, **blocks}, warps, stages, shapes=f"d={d}")
 
 
-def _gate_variants(first: int = 0) -> Iterator[Variant]:
-    """What the CPU test gates on: every shipped 16-bit attention config for sm_90 (fp16; bf16 lowers the same
-    way), the training switches (key padding + dropout), head dims 32 / 64 / 128; `first` > 0: only the first
-    configs of each list (the test-suite's budget)."""
-    yield from _attn_shipped("fp16", (32, 64, 128), [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True)], first)
+GATE_FAMILIES = ("attention", "gemm")
+
+
+def _gate_variants(first: int = 0, family: str = "attention") -> Iterator[Variant]:
+    """What the CPU tests gate on, for sm_90, fp16 (bf16 lowers the same way); `first` > 0: only the first
+    configs of each list (the test-suite's budget). ``attention``: every shipped attention config, the training
+    switches (key padding + dropout), head dims 32 / 64 / 128. ``gemm``: every shipped config of both GEMM
+    kernels (cp.async and TMA + persistent) for every switch combination their launchers pass; with `first` > 0
+    the QKV launch (no activation) and the training FFN-up launch (erf GELU, pre-activation stored) only, with
+    the first configs plus the tiles of the fixed per-bucket table (`fixed_tile`, the TMA launch's fixed rule)."""
+    if family not in GATE_FAMILIES:
+        raise ValueError(f"family must be one of {GATE_FAMILIES}, got {family!r}")
+    if family == "attention":
+        yield from _attn_shipped("fp16", (32, 64, 128), [dict(VARLEN=False, HAS_MASK=True, HAS_DROPOUT=True)], first)
+    else:
+        yield from _gemm_shipped("fp16", first)
+
+
+def _gemm_shipped(dt: str, first: int = 0) -> Iterator[Variant]:
+    import torch
+
+    from kernels.matmul import fixed_tile, tma_tiles
+
+    tdt = getattr(torch, _TORCH_DTYPE[dt])
+    cp_combos = [dict(ACTIVATION=0, STORE_PRE=False, SPLIT=True), dict(ACTIVATION=1, STORE_PRE=True, SPLIT=False)]
+    tma_combos = [dict(ACTIVATION=0, STORE_PRE=False), dict(ACTIVATION=1, STORE_PRE=True)]
+    if first <= 0:  # every combination the launchers pass
+        cp_combos += [dict(ACTIVATION=a, STORE_PRE=pre, SPLIT=False) for a, pre in ((2, True), (1, False), (2, False))]
+        cp_combos.append(dict(ACTIVATION=0, STORE_PRE=False, SPLIT=False))
+        tma_combos += [dict(ACTIVATION=a, STORE_PRE=pre) for a, pre in ((2, True), (1, False), (2, False))]
+    precision = "ieee" if dt == "fp32" else "tf32"
+    kernels = (("_gemm_bias_act_kernel", cp_combos, {}), ("_gemm_tma_persistent_kernel", tma_combos,
+                                                          {"NUM_SMS": NUM_SMS_SM90}))  # fmt: skip
+    for name, combos, extra in kernels:
+        for combo in combos:
+            constexprs = {**combo, "DOT_PRECISION": precision, **extra}
+            configs = _autotune_configs(name, False, dt, constexprs)
+            if first > 0:
+                act = combo["ACTIVATION"]
+                if name == "_gemm_tma_persistent_kernel":
+                    fixed = {tuple(t) for t in (tma_tiles(tdt, precision, act)[i] for i in (0, -1))}
+                else:
+                    fixed = {fixed_tile(tdt, precision, act, m) for m in (8192, 64)}
+                tile = lambda c: (c[0]["BLOCK_M"], c[0]["BLOCK_N"], c[0]["BLOCK_K"], c[1], c[2])
+                configs = [c for i, c in enumerate(configs) if i < first or tile(c) in fixed]
+            for blocks, warps, stages in configs:
+                yield Variant(name, dt, dt, {**constexprs, **blocks}, warps, stages)
 
 
 def _dropout_cost_variants() -> Iterator[Variant]:
@@ -391,7 +498,8 @@ def _ce_variants(mode: str) -> Iterator[Variant]:
 
 
 def _variants(mode: str) -> list[Variant]:
-    groups = (_gemm_variants, _gelu_bwd_variants, _attn_variants, _softmax_variants, _bdaln_variants, _ce_variants)
+    groups = (_gemm_variants, _gelu_bwd_variants, _bias_gelu_variants, _attn_variants, _softmax_variants,
+              _bdaln_variants, _ce_variants)  # fmt: skip
     return [v for group in groups for v in group(mode)]
 
 
@@ -414,7 +522,7 @@ def build_source_args(v: Variant) -> tuple[object, dict, dict, dict]:
     spec = KERNELS[v.kernel]
     fn = _jit_function(spec)
     names = [p.name for p in fn.params]
-    declared = set(spec.pointers) | set(spec.floats) | set(spec.unit) | set(spec.data_dependent)
+    declared = set(spec.pointers) | set(spec.floats) | set(spec.unit) | set(spec.data_dependent) | set(spec.descriptors)
     if unknown := declared - set(names):
         raise ValueError(f"{v.kernel}: the table names args the kernel does not have: {sorted(unknown)}")
     wanted = {p.name for p in fn.params if p.is_constexpr}
@@ -427,6 +535,9 @@ def build_source_args(v: Variant) -> tuple[object, dict, dict, dict]:
         name = p.name
         if p.is_constexpr:
             signature[name], constexprs[name] = "constexpr", v.constexprs[name]
+        elif name in spec.descriptors:
+            rows, cols = (v.constexprs[c] for c in spec.descriptors[name])
+            signature[name] = f"tensordesc<{v.act}[{rows}, {cols}]>"
         elif name in spec.pointers:
             ty = spec.pointers[name]
             ty = ty(v.constexprs) if callable(ty) else ty
@@ -462,6 +573,9 @@ class Result:
     flags: list[str] = field(default_factory=list)
     wgmma: int = 0  # `wgmma.mma_async` instructions in the PTX (Hopper tensor cores)
     mma_sync: int = 0  # `mma.sync` instructions in the PTX (the Ampere tensor-core path)
+    tma_loads: int = 0  # `cp.async.bulk.tensor` global → shared instructions in the PTX (TMA loads)
+    tma_stores: int = 0  # `cp.async.bulk.tensor` shared → global (TMA stores)
+    cp_async: int = 0  # `cp.async.ca` / `cp.async.cg` (the pre-TMA asynchronous copies)
     ptxas_warnings: list[str] = field(default_factory=list)
     sass_instructions: int | None = None  # SASS instructions of the kernel (NOPs excluded)
     sass_loop_instructions: int | None = None  # of its main loop body (the largest backward-branch span)
@@ -475,6 +589,7 @@ class Result:
             "num_warps": v.num_warps, "num_stages": v.num_stages, "shapes": v.shapes, "ok": self.ok,
             "error": self.error, "registers": self.registers, "spill_bytes": self.spill_stores + self.spill_loads,
             "shared_bytes": self.shared, "wgmma": self.wgmma, "mma_sync": self.mma_sync,
+            "tma_loads": self.tma_loads, "tma_stores": self.tma_stores, "cp_async": self.cp_async,
             "ptxas_warnings": list(self.ptxas_warnings), "sass_instructions": self.sass_instructions,
             "sass_loop_instructions": self.sass_loop_instructions, "warpgroup_dup": list(self.warpgroup_dup),
         }  # fmt: skip
@@ -486,6 +601,7 @@ _PTXAS = {
     "spill_loads": re.compile(r"(\d+) bytes spill loads"),
     "stack": re.compile(r"(\d+) bytes stack frame"),
 }
+TMA = "_tma"  # kernels whose name holds this load through TMA descriptors
 # C7515 reads "Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...".
 SERIALIZED = "C7515"
 
@@ -503,6 +619,22 @@ def ptx_mma_counts(ptx: str) -> tuple[int, int]:
         wgmma += op.startswith("wgmma.mma_async")
         mma += op.startswith("mma.sync")
     return wgmma, mma
+
+
+_TMA_COPY = re.compile(r"cp\.async\.bulk\.tensor\.\dd\.(shared|global)")
+
+
+def ptx_copy_counts(ptx: str) -> tuple[int, int, int]:
+    """(TMA loads, TMA stores, cp.async copies) of a PTX listing: ``cp.async.bulk.tensor.Nd.<dst>`` with a
+    shared-memory destination is a TMA load, with a global one a TMA store; ``cp.async.ca/cg`` the Ampere copies."""
+    loads = stores = cp = 0
+    for line in ptx.splitlines():
+        op = re.sub(r"^@!?%p\d+\s+", "", line.strip())  # TMA copies are issued by one thread: predicated
+        if m := _TMA_COPY.match(op):
+            loads += m.group(1) == "shared"
+            stores += m.group(1) == "global"
+        cp += op.startswith(("cp.async.ca.", "cp.async.cg."))
+    return loads, stores, cp
 
 
 def ptxas_warnings(log: str) -> list[str]:
@@ -614,6 +746,7 @@ def _compile_one(v: Variant, arch: int) -> Result:
             setattr(r, attr, int(m.group(1)))
     r.ptxas_warnings = ptxas_warnings(text)
     r.wgmma, r.mma_sync = ptx_mma_counts(compiled.asm.get("ptx", ""))
+    r.tma_loads, r.tma_stores, r.cp_async = ptx_copy_counts(compiled.asm.get("ptx", ""))
     r.warpgroup_dup = warpgroup_duplication(compiled.asm.get("ttgir", ""))
     if sass := _disassemble(compiled.asm["cubin"]) if "cubin" in compiled.asm else "":
         r.sass_instructions, r.sass_loop_instructions = sass_counts(sass)
@@ -629,6 +762,7 @@ def _row(r: Result, limit: int) -> str:
     spill = f"{r.spill_stores}/{r.spill_loads}"
     smem = f"{r.shared:>6} ({r.shared / limit:4.0%})"
     mma = f"wgmma {r.wgmma:>3} mma.sync {r.mma_sync:>3}"
+    mma += f" tma {r.tma_loads}/{r.tma_stores}" if TMA in v.kernel else ""
     sass = f"sass {r.sass_instructions!s:>5} loop {r.sass_loop_instructions!s:>5}"
     flags = f"  {' '.join(r.flags)}" if r.flags else ""
     return (f"{head}  ok  regs {r.registers!s:>3}  spill {spill:>11}  smem {smem}  {mma}  {sass}  "
@@ -650,6 +784,8 @@ def _classify(r: Result, limit: int, autotuned: bool, arch: int) -> None:
         r.flags.append("PTXAS-WARNING")
     if r.warpgroup_dup:
         r.flags.append("WARP-DUP")
+    if TMA in r.variant.kernel and (not r.tma_loads or r.cp_async):
+        r.flags.append("NO-TMA-LOADS" if not r.tma_loads else "CP.ASYNC")  # the TMA kernel fell back to cp.async
 
 
 def score_elements_per_thread(r: Result) -> float | None:
@@ -695,8 +831,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 
 CSV_COLUMNS = ("kernel", "dtype", "variant", "num_warps", "num_stages", "ok", "registers", "spill_bytes",
-               "shared_bytes", "wgmma", "mma_sync", "ptxas_warnings", "warpgroup_dup", "sass_instructions",
-               "sass_loop_instructions")  # fmt: skip
+               "shared_bytes", "wgmma", "mma_sync", "tma_loads", "ptxas_warnings", "warpgroup_dup",
+               "sass_instructions", "sass_loop_instructions")  # fmt: skip
 
 
 def summary_csv(results: list[Result]) -> str:
@@ -711,7 +847,7 @@ def summary_csv(results: list[Result]) -> str:
         label = " ".join(f"{k}={_short(x)}" for k, x in v.constexprs.items()) + (f" [{v.shapes}]" if v.shapes else "")
         dt = v.act if v.param == v.act else f"{v.act}/{v.param}"
         w.writerow([v.kernel, dt, label, v.num_warps, v.num_stages, int(r.ok), rec["registers"], rec["spill_bytes"],
-                    rec["shared_bytes"], r.wgmma, r.mma_sync, len(r.ptxas_warnings), len(r.warpgroup_dup),
+                    rec["shared_bytes"], r.wgmma, r.mma_sync, r.tma_loads, len(r.ptxas_warnings), len(r.warpgroup_dup),
                     r.sass_instructions, r.sass_loop_instructions])  # fmt: skip
     return out.getvalue()
 
@@ -738,11 +874,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="every kernel and dtype, main variant, one config")
     parser.add_argument("--all", action="store_true", help="the full product of variants (about an hour)")
     parser.add_argument("--gate", action="store_true",
-                        help="every shipped 16-bit (fp16) attention config, main switches, head dims 32/64/128")
+                        help="every shipped 16-bit (fp16) config of a kernel family (--family), for the CPU gates")
+    parser.add_argument("--family", choices=GATE_FAMILIES, default="attention",
+                        help="with --gate: attention (head dims 32/64/128, training switches) or gemm (the cp.async "
+                             "and TMA GEMMs, every launch combination)")
     parser.add_argument("--dropout-cost", action="store_true",
                         help="the attention kernels' shipped fp16 configs at head dim 64 with and without dropout")
     parser.add_argument("--configs", type=int, default=0, metavar="N",
-                        help="with --gate: only the first N autotune configs of each list (default: all)")
+                        help="with --gate: only the first N autotune configs of each list (gemm: plus the fixed-table "
+                             "tiles, main launches only; default: all)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this")
     parser.add_argument("--report", metavar="PATH.json", help="write one JSON record per variant to PATH.json")
@@ -760,7 +900,7 @@ def main(argv: list[str] | None = None) -> int:
     if sum((args.quick, args.all, args.gate, args.dropout_cost)) > 1:
         parser.error("--quick, --all, --gate and --dropout-cost exclude each other")
     if args.gate:
-        mode, variants = "gate", list(_gate_variants(args.configs))
+        mode, variants = f"gate {args.family}", list(_gate_variants(args.configs, args.family))
     elif args.dropout_cost:
         mode, variants = "dropout-cost", list(_dropout_cost_variants())
     else:
