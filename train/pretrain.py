@@ -204,7 +204,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # accuracy 0.129 (unigram baseline 0.055); NSP stays at the majority label (73 % random next on this data).
 DEMO: dict[str, Any] = dict(
     max_seq_len=64, dupe_factor=1, vocab_size=4096, optimizer="adamw", lr=3e-3, dropout=0.0, micro_batch_size=32,
-    warmup_steps=100, max_steps=600, log_every=25, eval_every=200, eval_samples=448, checkpoint_every=300,
+    warmup_steps=100, max_steps=1000, log_every=25, eval_every=250, eval_samples=448, checkpoint_every=500,
     num_workers=0, cpu_threads=1,
 )
 
