@@ -47,8 +47,8 @@ k, v share the head count). The padded layout still computes the padded query ro
 (masked): use the varlen layout to skip padding. Only the last, partial key block is bounds-checked in the
 forward; with a padding mask every key block reads its mask bytes. The default backward's dQ sums come in a run-
 dependent order (fp32 atomics): use deterministic=True for bitwise repeatability. 16-bit calls with head dim >
-64 always run the two-pass backward: no one-pass tile compiles clean there (each spills, lowers dQ to mma.sync or
-duplicates warpgroup work; dK and dV alone fill half the register file). Dropout needs Tq·row_stride < 2**31
+64 run the one-pass backward with 16- or 32-row query blocks only (dQ computed transposed; larger query blocks
+spill there: dK and dV alone fill half the register file). Dropout needs Tq·row_stride < 2**31
 (T ≤ 46340). In the varlen layout q and k share cu_seqlens (self-attention only). The cu_seqlens value checks
 (monotonic, total, lengths ≤ max_seqlen) read cu_seqlens on the host once per tensor (cached by identity and
 version) and are skipped while torch.compile traces.
@@ -132,14 +132,21 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 128
 # - forward: 128×64 and 128×128 with 8 warps and 64×64 / 64×128 with 4 warps are clean at every head dim;
 #   128×128 with 4 warps (FA2 / the Triton tutorial) spills kilobytes from d = 32 and 128×64 with 4 warps from
 #   d = 64, so those stay out.
-# - one-pass backward (`bwd`: the products are Kᵀ-side [BLOCK_N, ·] and the dQ product [BLOCK_M, d]): both block
-#   sizes >= 64, and 8 warps only with BLOCK_N = 128; at d = 32 / 64 64×64 with 4 warps and 64×128 with 8 are
-#   clean, 128-row query blocks and 4-warp 128-key blocks spill. At d = 128 every candidate spills or breaks a
-#   rule (dK and dV alone are 128 fp32 registers a thread), fp16, key padding + dropout, all at 255 registers:
-#   64×64/4 warps 684 B (1 stage) / 432 (2), 64×128/8 380 / 316, 128×128/8 3112, 128×64/8 780 and WARP-DUP;
-#   32-row query blocks lower dQ to mma.sync and spill too (32×64/4 236 / 376, 32×128/8 132); 64×64/8 warps spills
-#   0 (2 stages) / 28 (1) but both warpgroups compute the same 64×64 Sᵀ / dPᵀ (warpsPerCTA [8, 1]). So the 16-bit
-#   d = 128 list is empty and the launcher runs the two-pass backward there (its kernels have clean tiles).
+# - one-pass backward (`bwd`: the products are Kᵀ-side [BLOCK_N, ·] and the dQ product, [BLOCK_M, d] or, for
+#   16-bit query blocks under 64 rows, transposed [d, BLOCK_M]): 8 warps only with BLOCK_N = 128; at d = 32 / 64
+#   64×64 with 4 warps and 64×128 with 8 are clean, 128-row query blocks and 4-warp 128-key blocks spill. At
+#   d = 128 (dK and dV alone are 128 fp32 registers a thread) every 64- or 128-row query block spills or breaks a
+#   rule, fp16, key padding + dropout, all at 255 registers: 64×64/4 warps 684 B (1 stage) / 432 (2), 64×128/8
+#   380 / 316, 128×128/8 3112, 128×64/8 780 and WARP-DUP; 64×64/8 warps spills 0 (2 stages) / 28 (1) but both
+#   warpgroups compute the same 64×64 Sᵀ / dPᵀ (warpsPerCTA [8, 1]). 16- and 32-row query blocks are clean since
+#   dQ is computed transposed there (`DQ_T`, 16-bit only): as dS·K its M is BLOCK_M < 64, which lowered it to
+#   mma.sync; dQᵀ = Kᵀ·dSᵀ has M = d = 128 and lowers to wgmma, and Sᵀ, Pᵀ, dPᵀ, dSᵀ shrink with BLOCK_M.
+#   Before → after, spill bytes with key padding + dropout / varlen + dropout (and mma.sync → none in every
+#   one): 32×64/4 warps 2 stages 376 / 128 → 0, 32×128/8 3 stages 52 / 0 → 0, 16×64/4 2 stages 172 / 96 → 0,
+#   3 stages 96 / 0 → 0, 16×128/8 2 stages 16 / 0 → 0, 3 stages 40 / 0 → 0; the same 6 tiles are spill-free in
+#   the other four switch sets too. Left out, transposed: 32×64/4 3 stages (24 / 48 B), 32×128/8 1 stage (12),
+#   32×128/8 2 stages (clean in the training sets, 48 B padded with dropout and no key padding), 32×64/4 1 stage
+#   (8 B with key padding, no dropout); 64-row blocks gain nothing from it (64×64/4 512 / 596, 64×128/8 324).
 # - two-pass backward: dK/dV (BLOCK_N keys per program) 64×64 / 32×64 with 4 warps, 64×128 / 32×128 with 8;
 #   dQ (BLOCK_M queries per program) 64-row tiles with 4 warps, 128-row tiles with 8. At d = 128 the 32×64 4-warp
 #   dK/dV tile runs 2 stages: with 3 it spilled 8 B, with 2 (or 1) it spills 0.
@@ -154,7 +161,7 @@ _TILES_16BIT: dict[tuple[str, int], list[tuple[int, int, int, int]]] = {
                    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3)],
     ("bwd", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 8, 2), (64, 128, 8, 3)],
     ("bwd", 64): [(64, 64, 4, 2), (64, 128, 8, 2), (64, 128, 8, 3)],
-    ("bwd", 128): [],  # nothing clean: two-pass backward
+    ("bwd", 128): [(32, 128, 8, 3), (32, 64, 4, 2), (16, 128, 8, 2), (16, 128, 8, 3), (16, 64, 4, 2), (16, 64, 4, 3)],
     ("dkdv", 32): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2),
                    (32, 128, 4, 2)],
     ("dkdv", 64): [(64, 64, 4, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 2)],
@@ -404,7 +411,8 @@ def _attn_bwd_delta_kernel(
 def _bwd_kv_step(
     dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m, start_n,
     offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
-    HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr, ATOMIC_DQ: tl.constexpr, DQ_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     rows = start_m + offs_m
     m_ok = rows < len_q
@@ -431,9 +439,16 @@ def _bwd_kv_step(
         dsT = pT * (dpT - delta[None, :])
     dv += _dot(pdT.to(do.dtype), do, IEEE)
     dk += _dot(dsT.to(q.dtype), q, IEEE)
-    if ATOMIC_DQ:
-        dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE)  # (BLOCK_M, BLOCK_D), softmax scale applied on the host
-        tl.atomic_add(dq_base + rows[:, None] * sdq_t + offs_d[None, :], dq, mask=qd_ok, sem="relaxed")
+    if ATOMIC_DQ:  # softmax scale applied on the host
+        if DQ_T:
+            # dQᵀ = Kᵀ·dSᵀ, added through transposed pointers: its M is BLOCK_D, not BLOCK_M, so a 16- or 32-row
+            # query block still lowers to wgmma (dS·K would take mma.sync: wgmma needs M >= 64 per warpgroup).
+            dqT = _dot(tl.trans(k), dsT.to(k.dtype), IEEE)  # (BLOCK_D, BLOCK_M)
+            tl.atomic_add(dq_base + rows[None, :] * sdq_t + offs_d[:, None], dqT, mask=d_ok[:, None] & m_ok[None, :],
+                          sem="relaxed")  # fmt: skip
+        else:
+            dq = _dot(tl.trans(dsT.to(k.dtype)), k, IEEE)  # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(dq_base + rows[:, None] * sdq_t + offs_d[None, :], dq, mask=qd_ok, sem="relaxed")
     return dk, dv
 
 
@@ -444,7 +459,8 @@ def _bwd_kv_program(
     sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
     H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
     VARLEN: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DROPOUT: tl.constexpr, IEEE: tl.constexpr,
-    ATOMIC_DQ: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr, DQ_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: BLOCK_N keys of one (sequence, head); loops over all query blocks. Works transposed
     # ([BLOCK_N, BLOCK_M] tiles) so dK and dV accumulate without transposing the products.
@@ -478,7 +494,7 @@ def _bwd_kv_program(
         dk, dv = _bwd_kv_step(
             dk, dv, k, v, kbias, Q, DO, LSE, DELTA, DQ, seed, bh, q_base, do_base, dq_base, l_base, start_m,
             start_n, offs_m, offs_d, d_ok, len_q, sq_t, sdo_t, sdq_t, qk_scale, drop_t, inv_keep,
-            HAS_DROPOUT, IEEE, ATOMIC_DQ, BLOCK_N,
+            HAS_DROPOUT, IEEE, ATOMIC_DQ, DQ_T, BLOCK_N,
         )  # fmt: skip
 
     dk_base = DK + b.to(tl.int64) * sdk_b + head.to(tl.int64) * sdk_h + k_start.to(tl.int64) * sdk_t
@@ -504,12 +520,15 @@ def _attn_bwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # dK, dV of BLOCK_N keys, and their share of dQ added into the fp32 buffer DQ (zeroed by the launcher).
+    # 16-bit query blocks under 64 rows compute dQ transposed (see `_bwd_kv_step`); fp32 (FMA dots) never does:
+    # there the transposed form spilled 8–20 B on shipped tiles that are clean as they are.
+    DQ_T: tl.constexpr = BLOCK_M < 64 and not IEEE
     _bwd_kv_program(
         Q, K, V, DO, LSE, DELTA, DK, DV, DQ, KEEP_KEY, CU, seed,
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
         sdk_b, sdk_t, sdk_h, sdq_b, sdq_t, sdq_h, sl_b, sl_h,
         H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
-        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, True, BLOCK_D, BLOCK_M, BLOCK_N,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, True, DQ_T, BLOCK_D, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -533,7 +552,7 @@ def _attn_bwd_dkdv_kernel(
         sq_b, sq_t, sq_h, sk_b, sk_t, sk_h, sv_b, sv_t, sv_h, sdo_b, sdo_t, sdo_h,
         sdk_b, sdk_t, sdk_h, 0, 0, 0, sl_b, sl_h,
         H, Tq, Tk, D, qk_scale, sm_scale, drop_t, inv_keep,
-        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, False, BLOCK_D, BLOCK_M, BLOCK_N,
+        VARLEN, HAS_MASK, HAS_DROPOUT, IEEE, False, False, BLOCK_D, BLOCK_M, BLOCK_N,
     )  # fmt: skip
 
 
@@ -712,7 +731,9 @@ def _flash_attn_bwd_into(
     cu_arg = cu_seqlens if varlen else q
     in_strides = (*_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen))
     kv_grid = lambda META: (triton.cdiv(Tk, META["BLOCK_N"]), B * H)
-    if not deterministic and attn_tiles("bwd", q.dtype, block_d):  # 16-bit d = 128: no clean one-pass tile
+    # Every shipped list has one-pass tiles (16-bit d = 128: 16- / 32-row query blocks, dQ computed transposed);
+    # an empty one would fall back to the two-pass backward.
+    if not deterministic and attn_tiles("bwd", q.dtype, block_d):
         # One pass, 5 products per block pair; dQ accumulates in fp32 (zeros: the kernel adds into it).
         dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         _attn_bwd_kernel[kv_grid](

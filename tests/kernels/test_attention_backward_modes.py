@@ -139,3 +139,85 @@ def test_atomic_dq_buffer_is_zeroed_for_every_autotune_trial():
     # Autotuning re-runs the kernel once per config: with dQ accumulated by atomics each trial must start from 0.
     assert attn._attn_bwd_kernel.reset_to_zero == ["DQ"]
     assert not getattr(attn._attn_bwd_dkdv_kernel, "reset_to_zero", None)  # the deterministic passes store
+
+
+# 16-bit one-pass backward with query blocks under 64 rows (the head-dim-128 tiles): dQ is computed transposed,
+# dQᵀ = Kᵀ·dSᵀ, and added through transposed pointers; fp32 keeps dS·K. The interpreter's own tile has 64-row
+# query blocks, so these tests swap in a 16-row one (3 query blocks and 2 key blocks at T = 37, both with tails)
+# and, under the interpreter, record the shape of every dot the kernel makes, to show which dQ form ran.
+_SMALL_M_TILE = (16, 32, 4, 1)
+
+
+@pytest.fixture
+def small_query_blocks(monkeypatch):
+    """(dot output shapes recorded, launch counter of the one-pass backward kernel)."""
+    tuner = attn._attn_bwd_kernel
+    monkeypatch.setattr(tuner, "configs", [attn._config(_SMALL_M_TILE)])
+    monkeypatch.setattr(tuner, "cache", {})
+    monkeypatch.setattr(attn, "_INTERPRETER_TILE", _SMALL_M_TILE)
+    spy = _Spy(tuner)
+    monkeypatch.setattr(attn, "_attn_bwd_kernel", spy)
+    shapes = []
+    if attn.interpreter_on():  # the interpreter runs the kernel as Python: `_dot` is looked up at each call
+        dot = attn._dot
+
+        def recording_dot(a, b, IEEE):
+            out = dot(a, b, IEEE)
+            shapes.append(tuple(out.shape))
+            return out
+
+        monkeypatch.setattr(attn, "_dot", recording_dot)
+    return shapes, spy
+
+
+def _check_dq_form(small_query_blocks, dtype, D):
+    shapes, spy = small_query_blocks
+    assert spy.launches == 1  # the one-pass backward ran, not the two-pass one
+    if not attn.interpreter_on():  # compiled: no dot is recorded
+        return
+    block_m, block_d = _SMALL_M_TILE[0], max(16, 1 << (D - 1).bit_length())
+    assert ((block_d, block_m) in shapes) == (dtype != torch.float32), shapes  # dQᵀ = Kᵀ·dSᵀ
+    assert ((block_m, block_d) in shapes) == (dtype == torch.float32), shapes  # dQ = dS·K
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_small_query_blocks_padded_backward(dtype, p, small_query_blocks, device):
+    B, T, H, D, seed = 3, 37, 2, 64, 6
+    torch.manual_seed(21)
+    q, k, v = (torch.randn(B, T, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    mask = pad_mask([37, 0, 19], T, device)  # one fully padded batch row
+    out = fused_attention(q, k, v, mask, p, seed=seed)
+    dout = torch.randn_like(out)
+    grads = _grads(out, (q, k, v), dout)
+    _check_dq_form(small_query_blocks, dtype, D)
+    keep = attention_dropout_mask(seed, B, H, T, T, p, device) if p else None
+    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    g64 = _grads(attention_ref(*x64, mask, p, dropout_mask=keep), x64, dout)
+    xt = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    gt = _grads(attention_ref(*xt, mask, p, dropout_mask=keep, upcast=False), xt, dout)
+    for name, g, r64, rt in zip(("dq", "dk", "dv"), grads, g64, gt, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert_within_torch_error(g, r64, rt, atol=ATOL[dtype], name=f"{name} (16-row query blocks, p={p})")
+    assert grads[0][1].abs().max().item() == 0.0  # no real key: dq = 0
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_small_query_blocks_varlen_backward(dtype, p, small_query_blocks, device):
+    B, T, H, D, seed = 3, 37, 2, 64, 8
+    torch.manual_seed(22)
+    x = torch.randn(B, T, 3, H, D, device=device, dtype=dtype)
+    mask = pad_mask([37, 0, 21], T, device)
+    packed, _, cu, max_len = unpad_input(x * mask[:, :, None, None, None], mask)
+    xv = packed.detach().requires_grad_()
+    out = fused_attention_varlen(*xv.unbind(1), cu, max_len, p, seed=seed)
+    dout = torch.randn_like(out)
+    (g,) = _grads(out, (xv,), dout)
+    _check_dq_form(small_query_blocks, dtype, D)
+    keep = attention_dropout_mask_varlen(seed, cu, H, max_len, p) if p else None
+    x64 = packed.detach().double().requires_grad_()
+    (g64,) = _grads(attention_varlen_ref(*x64.unbind(1), cu, max_len, p, dropout_mask=keep), (x64,), dout)
+    xt = packed.detach().clone().requires_grad_()
+    (gt,) = _grads(attention_varlen_ref(*xt.unbind(1), cu, max_len, p, dropout_mask=keep, upcast=False), (xt,), dout)
+    assert_within_torch_error(g, g64, gt, atol=ATOL[dtype], name=f"varlen dqkv (16-row query blocks, p={p})")
