@@ -335,6 +335,7 @@ def test_float_01_mask_is_refused_with_the_accepted_conventions(device):
         (4, 128, 12, 64, torch.bfloat16, 0.1),
         (3, 200, 4, 32, torch.bfloat16, 0.0),
         (2, 512, 4, 128, torch.float16, 0.1),
+        (3, 333, 4, 128, torch.bfloat16, 0.1),  # the one-pass backward's 16/32-row tiles (dQ transposed)
         (2, 77, 4, 80, torch.float32, 0.1),
     ],  # fmt: skip
 )
