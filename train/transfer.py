@@ -3,6 +3,7 @@
     python -m train.transfer                                  # pretrain (wiki + in-domain text), then compare
     python -m train.transfer --pretrain-steps 4000            # a larger pretraining budget
     python -m train.transfer --pretrained runs/pretrain-tiny/model      # compare an existing checkpoint
+    python -m train.transfer --pretrain-steps 18000 --curve-every 3000  # the curve: every 3,000th step's checkpoint
 
 Fine-tunes a pretrained checkpoint and the same architecture from random initialisation on the embedded Rotten
 Tomatoes task (3,000 train / 1,000 test snippets, the split of `fastbert-finetune`) with the same settings and
@@ -16,9 +17,15 @@ grouped by movie into documents (one review a line), with a WordPiece vocabulary
 whose text equals any train or test snippet is left out as well, so no text the model is fine-tuned or tested
 on is pretrained on.
 
-Output: <out_dir>/transfer.json (per-seed accuracies, means, settings) and the pretraining run in
-<out_dir>/pretrain. Every job runs on `threads` CPU threads (1 by default: the tiny model gains little from more,
-and the runs are deterministic for their seeds).
+With `--curve-every N` the pretraining keeps a checkpoint every N steps and each one is fine-tuned (the
+pretrained model only; one random-init baseline serves them all, as they share the architecture and the
+vocabulary): test accuracy against pretraining steps and CPU time, one run with one learning-rate schedule (the
+earlier checkpoints are taken mid-schedule, at a higher learning rate than a run of that length would end at).
+
+Output: <out_dir>/transfer.json (per-seed accuracies, means, settings; with a curve, one row per checkpoint) and
+the pretraining run in <out_dir>/pretrain-<steps>; a second run into the same out_dir replaces what the first
+wrote there (and refuses a folder it did not write). Every job runs on `threads` CPU threads (1 by default: the
+tiny model gains little from more, and the runs are deterministic for their seeds).
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class TransferConfig:
     test_size: int | None = None  # None: the task's 1,000 test snippets
     threads: int = 1  # torch CPU threads for every job (0 = torch's default)
     only: str = "both"  # the fine-tunings to run: both, pretrained or random_init (a curve reuses one baseline)
+    curve_every: int = 0  # > 0: checkpoint every N pretraining steps and fine-tune each checkpoint (a curve)
     reinit_pooler: bool = True  # start the pretrained model's pooler afresh (it is trained by NSP alone, which a
     #                             short pretraining leaves at the majority label), like the random-init one's
 
@@ -77,6 +85,12 @@ class TransferConfig:
             raise ValueError(f"warmup_steps must be in [0, pretrain_steps], got {self.warmup_steps}")
         if not (self.lr > 0 and self.ft_lr > 0):
             raise ValueError(f"lr and ft_lr must be > 0, got {self.lr} and {self.ft_lr}")
+        if self.curve_every < 0:
+            raise ValueError(f"curve_every must be >= 0, got {self.curve_every}")
+        if self.curve_every and self.pretrained is not None:
+            raise ValueError("curve_every needs a pretraining here: give it without --pretrained")
+        if self.curve_every and self.only != "both":
+            raise ValueError("curve_every fine-tunes every checkpoint and one random-init baseline: leave only=both")
         if self.only not in ("both", "pretrained", "random_init"):
             raise ValueError(f"only must be both, pretrained or random_init, got {self.only!r}")
         if self.ft_dropout is not None and not 0.0 <= self.ft_dropout < 1.0:
@@ -137,9 +151,10 @@ def write_documents(docs: list[list[str]], path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- jobs
 def pretrain_checkpoint(cfg: TransferConfig, out_dir: Path, log=print) -> Path:
-    """Prepare the pretraining corpus and pretrain; returns the model folder."""
+    """Prepare the pretraining corpus and pretrain; returns the run folder (its final model in model/, with
+    `curve_every` its checkpoints in checkpoints/)."""
     from .prepare import PrepareConfig, is_prepared, prepare
-    from .pretrain import PretrainConfig, pretrain
+    from .pretrain import RUN_MARKER, PretrainConfig, pretrain
 
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = (cfg.train_size or ROTTEN_TOMATOES_SIZES[0], cfg.test_size or ROTTEN_TOMATOES_SIZES[1])
@@ -158,21 +173,27 @@ def pretrain_checkpoint(cfg: TransferConfig, out_dir: Path, log=print) -> Path:
     if not is_prepared(data_dir):
         prepare(PrepareConfig(out_dir=str(data_dir), inputs=tuple(inputs), vocab_size=cfg.vocab_size,
                               max_seq_len=64, dupe_factor=cfg.dupe_factor, seed=cfg.data_seed), log=log)
+    run_dir = out_dir / f"pretrain-{cfg.pretrain_steps}"
+    # A run this command made before is replaced (a second `make demo-transfer` starts afresh); anything else in
+    # that folder makes fastbert-pretrain refuse, naming it.
+    overwrite = (run_dir / RUN_MARKER).is_file()
     pcfg = PretrainConfig.from_preset(
-        "tiny", demo=True, data_dir=str(data_dir), out_dir=str(out_dir / f"pretrain-{cfg.pretrain_steps}"),
+        "tiny", demo=True, data_dir=str(data_dir), out_dir=str(run_dir),
         max_steps=cfg.pretrain_steps, warmup_steps=cfg.warmup_steps, lr=cfg.lr, cpu_threads=cfg.threads,
-        eval_every=0, checkpoint_every=0, log_every=max(25, cfg.pretrain_steps // 20), progress=False,
+        eval_every=cfg.curve_every, checkpoint_every=cfg.curve_every, keep_checkpoints=0,
+        log_every=max(25, cfg.pretrain_steps // 20), progress=False, overwrite=overwrite,
     )
-    result = pretrain(pcfg)
-    return Path(result["model"])
+    pretrain(pcfg)
+    return pcfg.run_dir
 
 
 def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -> dict:
     """Fine-tune `folder` and a random-init model of its architecture for each seed; the summary dict."""
+    from fastbert._atomic import manifest_kind
     from fastbert.config import BertConfig
     from fastbert.models import BertForSequenceClassification  # the class finetune() expects (fused when asked)
 
-    from .finetune import FinetuneConfig, finetune, load_tokenizer
+    from .finetune import OUTPUT_KIND, FinetuneConfig, finetune, load_tokenizer
 
     # The plain PyTorch reference (every fusion off): these jobs run on the CPU.
     arch = BertConfig.from_json_file(folder / "config.json").replace(num_labels=2).with_fusions(False)
@@ -182,12 +203,13 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
     runs: dict[str, list[float]] = {k: [] for k in ("pretrained", "random_init") if cfg.only in ("both", k)}
     for seed in range(cfg.seeds):
         for kind in runs:
+            ft_dir = out_dir / f"ft-{kind}-seed{seed}"
             fcfg = FinetuneConfig(
                 task="rotten_tomatoes", init=str(folder), epochs=cfg.epochs, lr=cfg.ft_lr,
                 batch_size=cfg.batch_size, max_length=cfg.max_length, seed=seed, data_seed=cfg.data_seed,
                 train_size=cfg.train_size, test_size=cfg.test_size,
-                output_dir=str(out_dir / f"ft-{kind}-seed{seed}"), save_model=False, eval_every_epoch=False,
-                device="cpu",
+                output_dir=str(ft_dir), save_model=False, eval_every_epoch=False, device="cpu",
+                overwrite=manifest_kind(ft_dir) == OUTPUT_KIND,  # this command's earlier output: replaced
             )
             torch.manual_seed(seed)
             if kind == "random_init":
@@ -210,6 +232,30 @@ def finetune_both(cfg: TransferConfig, folder: Path, out_dir: Path, log=print) -
     return summary
 
 
+def finetune_curve(cfg: TransferConfig, run_dir: Path, out_dir: Path, pretrain_cpu_s: float, log=print) -> dict:
+    """Fine-tune every checkpoint of the pretraining run in `run_dir` (pretrained only) and, once, the random-init
+    model of their architecture; the summary dict with a `curve` row per checkpoint. A checkpoint's CPU time is
+    the run's, pro rata by step (the steps cost the same; data preparation is counted in full in every row)."""
+    from dataclasses import replace
+
+    from .checkpointing import list_checkpoints, read_trainer_state
+
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"no checkpoint in {run_dir}: nothing to fine-tune for the curve")
+    baseline = finetune_both(replace(cfg, only="random_init"), ckpts[-1] / "model", out_dir / "random_init", log)
+    rows = []
+    for ckpt in ckpts:
+        step = read_trainer_state(ckpt)["step"]
+        log(f"checkpoint at step {step}:")
+        got = finetune_both(replace(cfg, only="pretrained"), ckpt / "model", out_dir / f"step{step}", log)
+        rows.append({"step": step, "pretrain_cpu_s": pretrain_cpu_s * step / cfg.pretrain_steps,
+                     "pretrained_acc": got["pretrained_acc"], "pretrained_mean": got["pretrained_mean"],
+                     "gain_points": 100 * (got["pretrained_mean"] - baseline["random_init_mean"])})
+    return {**baseline, "curve": rows, "pretrained_mean": rows[-1]["pretrained_mean"],
+            "pretrained_acc": rows[-1]["pretrained_acc"], "gain_points": rows[-1]["gain_points"]}
+
+
 def transfer(cfg: TransferConfig, log=print) -> dict:
     cfg.validate()
     if cfg.threads:
@@ -221,18 +267,28 @@ def transfer(cfg: TransferConfig, log=print) -> dict:
     if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
         folder = folder / "model"
     pretrain_cpu_s = time.process_time() - t0
-    summary = finetune_both(cfg, folder, out_dir, log)
+    if cfg.curve_every:
+        summary = finetune_curve(cfg, folder.parent, out_dir, pretrain_cpu_s, log)
+    else:
+        summary = finetune_both(cfg, folder, out_dir, log)
     summary.update(model=str(folder), config=asdict(cfg))
     if not cfg.pretrained:
         summary["pretrain_cpu_s"] = pretrain_cpu_s
     tmp = out_dir / f".tmp-transfer-{os.getpid()}.json"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out_dir / "transfer.json")
+    head = f"Rotten Tomatoes test accuracy, mean of {cfg.seeds} fine-tuning seeds ({cfg.epochs} epochs, lr {cfg.ft_lr})"
+    if cfg.curve_every:
+        log(f"{head}; random init {summary['random_init_mean']:.4f} (majority class "
+            f"{summary['majority_class_acc']:.3f}):")
+        for row in summary["curve"]:
+            log(f"  pretrained {row['step']:>6d} steps ({row['pretrain_cpu_s'] / 60:5.1f} CPU-min): "
+                f"{row['pretrained_mean']:.4f} ({row['gain_points']:+.1f} points)")
+        return summary
     shown = ", ".join(f"{k.replace('_', ' ')} {summary[f'{k}_mean']:.4f}" for k in ("pretrained", "random_init")
                       if f"{k}_mean" in summary)
     gain = f": {summary['gain_points']:+.1f} points from pretraining" if "gain_points" in summary else ""
-    log(f"Rotten Tomatoes test accuracy, mean of {cfg.seeds} fine-tuning seeds ({cfg.epochs} epochs, lr {cfg.ft_lr}): "
-        f"{shown}{gain} (majority class {summary['majority_class_acc']:.3f})")
+    log(f"{head}: {shown}{gain} (majority class {summary['majority_class_acc']:.3f})")
     return summary
 
 

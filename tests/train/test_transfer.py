@@ -69,6 +69,8 @@ def test_transfer_options_are_checked(tmp_path, capsys):
         TransferConfig(ft_dropout=1.5).validate()
     with pytest.raises(ValueError, match="only"):
         TransferConfig(only="neither").validate()
+    with pytest.raises(ValueError, match="curve_every"):
+        TransferConfig(curve_every=-1).validate()
     assert main(["--pretrained", str(tmp_path / "missing")]) == 2
     assert "pretrained model folder not found" in capsys.readouterr().err
 
@@ -76,24 +78,10 @@ def test_transfer_options_are_checked(tmp_path, capsys):
 def test_transfer_fine_tunes_a_pretraining_checkpoint_and_random_init(tmp_path):
     """End to end on a tiny checkpoint and a few snippets: both models go through finetune() (which accepts only
     its own model class), the pretrained one starts from the file's encoder weights."""
-    import torch
-
-    from fastbert import BertConfig
     from fastbert.checkpoint import save_pretrained
-    from fastbert.models import BertForPreTraining
-    from fastbert.resources import ResourceNotFound, rotten_tomatoes_path
-    from fastbert.tokenizer import Tokenizer
     from train.transfer import finetune_both
 
-    try:
-        rotten_tomatoes_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
-    minilm_vocab = Tokenizer.from_file(_minilm_folder()).backend_tokenizer.get_vocab_size()
-    config = BertConfig.from_preset("tiny", hidden_size=24, intermediate_size=40, vocab_size=minilm_vocab,
-                                    max_position_embeddings=40)
-    torch.manual_seed(0)
-    pretrained = BertForPreTraining(config)
+    pretrained = _tiny_pretrained(tmp_path)
     folder = tmp_path / "model"
     save_pretrained(pretrained, folder, extra_files=lambda f: (f / "vocab.txt").write_text(
         (_minilm_folder() / "vocab.txt").read_text(encoding="utf-8"), encoding="utf-8"))
@@ -103,6 +91,69 @@ def test_transfer_fine_tunes_a_pretraining_checkpoint_and_random_init(tmp_path):
     summary = finetune_both(cfg, folder, tmp_path / "out", log=lambda m: None)
     assert set(summary) >= {"pretrained_mean", "random_init_mean", "gain_points", "majority_class_acc"}
     assert all(0.0 <= summary[k] <= 1.0 for k in ("pretrained_mean", "random_init_mean", "majority_class_acc"))
+
+
+def _tiny_pretrained(tmp_path):
+    """A tiny BertForPreTraining with the MiniLM vocabulary; skips without the embedded task file."""
+    import torch
+
+    from fastbert import BertConfig
+    from fastbert.models import BertForPreTraining
+    from fastbert.resources import ResourceNotFound, rotten_tomatoes_path
+    from fastbert.tokenizer import Tokenizer
+
+    try:
+        rotten_tomatoes_path()
+    except ResourceNotFound as e:
+        pytest.skip(str(e))
+    minilm_vocab = Tokenizer.from_file(_minilm_folder()).backend_tokenizer.get_vocab_size()
+    config = BertConfig.from_preset("tiny", hidden_size=24, intermediate_size=40, vocab_size=minilm_vocab,
+                                    max_position_embeddings=40)
+    torch.manual_seed(0)
+    return BertForPreTraining(config)
+
+
+def test_curve_fine_tunes_every_checkpoint_and_one_baseline_and_reruns(tmp_path):
+    """--curve-every: each checkpoint of the run is fine-tuned (pretrained only), one random-init baseline; a second
+    run into the same out_dir replaces its own outputs, and a folder holding other files is refused."""
+    import torch
+
+    from train.checkpointing import save_checkpoint
+    from train.transfer import finetune_both, finetune_curve
+
+    model = _tiny_pretrained(tmp_path)
+    run = tmp_path / "run"
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    vocab = _minilm_folder() / "vocab.txt"
+    for step in (2, 4):
+        with torch.no_grad():
+            model.bert.embeddings.word_embeddings.weight.add_(0.01)  # the checkpoints differ
+        save_checkpoint(run, step, model, opt, sched, None, {}, vocab=vocab, keep=0, run_id="r")
+    cfg = TransferConfig(out_dir=str(tmp_path / "out"), pretrain_steps=4, warmup_steps=0, curve_every=2, seeds=1,
+                         epochs=1, batch_size=8, max_length=24, train_size=24, test_size=16)
+    cfg.validate()
+    seen = []
+    summary = finetune_curve(cfg, run, tmp_path / "out", pretrain_cpu_s=60.0, log=seen.append)
+    assert [r["step"] for r in summary["curve"]] == [2, 4]
+    assert [r["pretrain_cpu_s"] for r in summary["curve"]] == [30.0, 60.0]
+    assert len(summary["random_init_acc"]) == 1 and all(len(r["pretrained_acc"]) == 1 for r in summary["curve"])
+    for r in summary["curve"]:
+        assert r["gain_points"] == pytest.approx(100 * (r["pretrained_mean"] - summary["random_init_mean"]))
+    assert sum("random_init" in m for m in seen) == 1 and sum("pretrained" in m for m in seen) == 2
+    # Rerun into the same folders: replaced, not refused.
+    again = finetune_both(cfg, run / "checkpoints" / "step_00000004" / "model", tmp_path / "out" / "step4",
+                          log=lambda m: None)
+    assert again["pretrained_acc"] == summary["curve"][1]["pretrained_acc"]  # deterministic for the seed
+    foreign = tmp_path / "out" / "step2" / "ft-pretrained-seed0"
+    (foreign / "fastbert-manifest.json").unlink()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds files"):
+        finetune_both(cfg, run / "checkpoints" / "step_00000002" / "model", tmp_path / "out" / "step2",
+                      log=lambda m: None)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="curve_every"):
+        TransferConfig(curve_every=2, pretrained=str(tmp_path)).validate()
 
 
 def _minilm_folder():
