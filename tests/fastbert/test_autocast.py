@@ -139,10 +139,13 @@ def _check_fused_under_autocast(monkeypatch, device: str, dtype: torch.dtype, pa
             assert set(kept.values()) == {torch.float32}, f"{name}: parameters {kept} should stay fp32"
     assert out_f["hidden"].dtype == dtype, "the encoder returns autocast's dtype"
 
-    # (c) within the tolerance rule; atol: 1% of the dtype's epsilon (gradients here are ~1e-2 in size).
+    # (c) within the tolerance rule; atol: 1% of the dtype's epsilon (gradients here are ~1e-2 in size), times the
+    # magnitude for the losses (~4.6): a scalar's PyTorch error can be near zero by luck of cancellation (2e-6 for
+    # mlm_loss on a CPU with AVX512-FP16, where the hidden states' PyTorch error is 5e-3, the kernels' 2.8e-3).
     atol = 0.01 * torch.finfo(dtype).eps
     for key in ("pooled", "mlm_loss", "loss"):
-        assert_within_torch_error(out_f[key], out_64[key], out_b[key], atol=atol, name=key)
+        scale = max(1.0, out_64[key].abs().max().item())
+        assert_within_torch_error(out_f[key], out_64[key], out_b[key], atol=atol * scale, name=key)
     assert_within_torch_error(out_f["hidden"][real], out_64["hidden"][real], out_b["hidden"][real], atol=atol,
                               name="hidden (real tokens)")
     assert set(out_f["grads"]) == set(out_64["grads"])
