@@ -42,7 +42,8 @@ def attention_sdpa(q, k, v, mask, p: float, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)  # (B, T, h, d)
 
 
-VARLEN = ("fastbert-varlen", peers.SDPA_FLASH_VARLEN, peers.FLASH_ATTN_VARLEN)  # on the packed real tokens
+DETERMINISTIC = "fastbert-varlen-deterministic"  # the two-pass backward (7 products, no atomics)
+VARLEN = ("fastbert-varlen", DETERMINISTIC, peers.SDPA_FLASH_VARLEN, peers.FLASH_ATTN_VARLEN)  # packed real tokens
 
 
 def _add_peers(env: BenchEnv, cands: dict[str, Fn], skipped: dict[str, str], scale: float, *, have_unpad: bool,
@@ -102,18 +103,21 @@ def attention_case(env: BenchEnv, size: str, B: int, T: int, h: int, d: int, *, 
         cands["compile"] = lambda i, p: (compiled(i["q"], i["k"], i["v"], i["mask"], p, scale),)
     why_fb = _fastbert_skip_reason(env) or why_fused
     if why_fb:
-        skipped["fastbert"] = skipped["fastbert-varlen"] = why_fb
+        skipped["fastbert"] = skipped["fastbert-varlen"] = skipped[DETERMINISTIC] = why_fb
     else:
         fa, fa_varlen = fused
         cands["fastbert"] = lambda i, p: (fa(i["q"], i["k"], i["v"], key_padding_mask=i["mask"], dropout_p=p,
                                              softmax_scale=scale),)
         if why_pad:
-            skipped["fastbert-varlen"] = why_pad
+            skipped["fastbert-varlen"] = skipped[DETERMINISTIC] = why_pad
         else:
-            cands["fastbert-varlen"] = lambda i, p: (fa_varlen(i["qp"], i["kp"], i["vp"], i["cu_seqlens"],
-                                                               i["max_seqlen"], dropout_p=p, softmax_scale=scale),)
+            def varlen(deterministic: bool) -> Fn:
+                return lambda i, p: (fa_varlen(i["qp"], i["kp"], i["vp"], i["cu_seqlens"], i["max_seqlen"],
+                                               dropout_p=p, softmax_scale=scale, deterministic=deterministic),)
+            cands["fastbert-varlen"], cands[DETERMINISTIC] = varlen(False), varlen(True)
 
     notes = _add_peers(env, cands, skipped, scale, have_unpad=padding is not None, why_pad=why_pad)
+    notes[DETERMINISTIC] = "deterministic=True: the two-pass backward against the default one-pass (dQ atomics)"
 
     def make() -> dict[str, Any]:
         g = _gen(dev, 1234)
@@ -129,7 +133,7 @@ def attention_case(env: BenchEnv, size: str, B: int, T: int, h: int, d: int, *, 
             lengths = mask.sum(1)
             inp.update(qp=qp, kp=kp, vp=vp, cu_seqlens=cu, max_seqlen=max_s, min_seqlen=int(lengths.min()),
                        offsets=cu.long())
-            for name in ("fastbert-varlen", peers.SDPA_FLASH_VARLEN, peers.FLASH_ATTN_VARLEN):
+            for name in VARLEN:
                 leaves[name] = [qp, kp, vp]
         inp["leaves"] = leaves
         return inp
