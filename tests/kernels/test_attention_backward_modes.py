@@ -31,6 +31,18 @@ def _grads(out, inputs, dout):
     return torch.autograd.grad(out, inputs, dout.to(out.dtype))
 
 
+def _check_padded_grads(grads, qkv, mask, p, keep, dout, what: str) -> None:
+    """dq, dk, dv of the kernel against the float64 reference fed the kernel's keep-mask (tolerance rule of
+    tests/helpers.py: the same-dtype PyTorch reference sets the error allowed)."""
+    x64 = [t.detach().double().requires_grad_() for t in qkv]
+    g64 = _grads(attention_ref(*x64, mask, p, dropout_mask=keep), x64, dout)
+    xt = [t.detach().clone().requires_grad_() for t in qkv]
+    gt = _grads(attention_ref(*xt, mask, p, dropout_mask=keep, upcast=False), xt, dout)
+    for name, g, r64, rt in zip(("dq", "dk", "dv"), grads, g64, gt, strict=True):
+        assert torch.isfinite(g).all(), name
+        assert_within_torch_error(g, r64, rt, atol=ATOL[qkv[0].dtype], name=f"{name} ({what})")
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
 @pytest.mark.parametrize(
     "B, Tq, Tk, H, D, dtype, p, lengths",
@@ -49,13 +61,7 @@ def test_padded_backward_matches_reference(B, Tq, Tk, H, D, dtype, p, lengths, d
     dout = torch.randn_like(out)
     grads = _grads(out, (q, k, v), dout)
     keep = attention_dropout_mask(5, B, H, Tq, Tk, p, device)
-    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    g64 = _grads(attention_ref(*x64, mask, p, dropout_mask=keep), x64, dout)
-    xt = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    gt = _grads(attention_ref(*xt, mask, p, dropout_mask=keep, upcast=False), xt, dout)
-    for name, g, r64, rt in zip(("dq", "dk", "dv"), grads, g64, gt, strict=True):
-        assert torch.isfinite(g).all(), name
-        assert_within_torch_error(g, r64, rt, atol=ATOL[dtype], name=f"{name} (deterministic={deterministic})")
+    _check_padded_grads(grads, (q, k, v), mask, p, keep, dout, f"deterministic={deterministic}")
     if 0 in lengths:
         assert grads[0][lengths.index(0)].abs().max().item() == 0.0  # no real key: dq = 0
 
@@ -192,13 +198,7 @@ def test_small_query_blocks_padded_backward(dtype, p, small_query_blocks, device
     grads = _grads(out, (q, k, v), dout)
     _check_dq_form(small_query_blocks, dtype, D)
     keep = attention_dropout_mask(seed, B, H, T, T, p, device) if p else None
-    x64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    g64 = _grads(attention_ref(*x64, mask, p, dropout_mask=keep), x64, dout)
-    xt = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    gt = _grads(attention_ref(*xt, mask, p, dropout_mask=keep, upcast=False), xt, dout)
-    for name, g, r64, rt in zip(("dq", "dk", "dv"), grads, g64, gt, strict=True):
-        assert torch.isfinite(g).all(), name
-        assert_within_torch_error(g, r64, rt, atol=ATOL[dtype], name=f"{name} (16-row query blocks, p={p})")
+    _check_padded_grads(grads, (q, k, v), mask, p, keep, dout, f"16-row query blocks, p={p}")
     assert grads[0][1].abs().max().item() == 0.0  # no real key: dq = 0
 
 
