@@ -66,3 +66,25 @@ def test_manifest_is_written_and_sizes_are_checked(tmp_path):
     offsets.write_bytes(offsets.read_bytes()[:-8])
     with pytest.raises(ManifestError, match="train.offsets.npy has .* bytes, its manifest says"):
         prep.is_prepared(tmp_path / "d")
+
+
+def test_data_of_an_older_format_is_refused_by_name_and_prepared_again(tmp_path):
+    """Format 1 data was paired by the earlier NSP rule: the loaders name the version, prepare replaces it."""
+    from train.pretrain import PretrainConfig, ensure_data
+
+    write_inputs(tmp_path, 20)
+    d = tmp_path / "d"
+    cfg = prep.PrepareConfig(out_dir=str(d), inputs=(str(tmp_path / "corpus.txt"),), vocab=str(tmp_path / "vocab.txt"),
+                             max_seq_len=32, dupe_factor=1, heldout_fraction=0)
+    prep.prepare(cfg, log=lambda m: None)
+    meta = (d / "meta.json").read_text()
+    key = f'"format_version": {prep.FORMAT_VERSION}'
+    assert key in meta and prep.FORMAT_VERSION == 2
+    (d / "meta.json").write_text(meta.replace(key, '"format_version": 1'))  # same size: the manifest still agrees
+    assert not prep.is_prepared(d)
+    with pytest.raises(ValueError, match="format version 1 is not 2; prepare the data again"):
+        PretrainingDataset(d, "train")
+    with pytest.raises(ValueError, match=r"prepared by an older fastbert \(data format 1; this one reads 2\)"):
+        ensure_data(PretrainConfig(data_dir=str(d)), None)
+    prep.prepare(cfg, log=lambda m: None)  # its own earlier output: replaced without --overwrite
+    assert prep.is_prepared(d) and len(PretrainingDataset(d, "train")) > 0
