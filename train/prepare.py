@@ -386,10 +386,15 @@ def is_prepared(out_dir: str | os.PathLike) -> bool:
     if not meta.is_file():
         return False
     verify_manifest(out_dir, hashes=False)
+    return data_format(out_dir) == FORMAT_VERSION
+
+
+def data_format(out_dir: str | os.PathLike):
+    """The `format_version` recorded in out_dir/meta.json; None without a readable one."""
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("format_version") == FORMAT_VERSION
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return False
+        return json.loads((Path(out_dir) / "meta.json").read_text(encoding="utf-8")).get("format_version")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _is_own_output(folder: Path) -> bool:

@@ -75,7 +75,7 @@ from .checkpointing import (
 from .cli import add_config_arguments
 from .dataset import IGNORE_INDEX, PretrainingDataset, StepBatchSampler, collate
 from .optim import build_optimizer, build_scheduler, warmup_poly_factor
-from .prepare import FORMAT_VERSION, PrepareConfig, is_prepared, prepare
+from .prepare import FORMAT_VERSION, PrepareConfig, data_format, is_prepared, prepare
 from .signals import GracefulStop, ignore_in_worker
 
 RUN_MARKER = "fastbert-run.json"  # names the run a run folder holds (kind, run id)
@@ -237,23 +237,15 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _format_version(data_dir: Path):
-    """The `format_version` in data_dir/meta.json, or None without a readable one."""
-    try:
-        return json.loads((data_dir / "meta.json").read_text(encoding="utf-8")).get("format_version")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def ensure_data(cfg: PretrainConfig, info: distributed.DistInfo) -> Path:
     """The dataset directory: cfg.data_dir, or the embedded corpus prepared once under cfg.data_cache."""
     if cfg.data_dir is not None:
         path = Path(cfg.data_dir)
         if not is_prepared(path):
-            version = _format_version(path)
+            version = data_format(path)
             if version is not None:
-                raise ValueError(f"{path} was prepared by an older fastbert (data format {version}; this one reads "
-                                 f"{FORMAT_VERSION}): run fastbert-prepare on its corpus again")
+                raise ValueError(f"{path} was prepared by another fastbert version (data format {version}; this one "
+                                 f"reads {FORMAT_VERSION}): run fastbert-prepare on its corpus again")
             raise FileNotFoundError(f"{path} is not a prepared pretraining dataset; run fastbert-prepare first")
         return path
     vocab = f"-vocab{cfg.vocab_size}" if cfg.vocab_size else ""

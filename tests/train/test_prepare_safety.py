@@ -84,7 +84,7 @@ def test_data_of_an_older_format_is_refused_by_name_and_prepared_again(tmp_path)
     assert not prep.is_prepared(d)
     with pytest.raises(ValueError, match="format version 1 is not 2; prepare the data again"):
         PretrainingDataset(d, "train")
-    with pytest.raises(ValueError, match=r"prepared by an older fastbert \(data format 1; this one reads 2\)"):
+    with pytest.raises(ValueError, match=r"prepared by another fastbert version \(data format 1; this one reads 2\)"):
         ensure_data(PretrainConfig(data_dir=str(d)), None)
     prep.prepare(cfg, log=lambda m: None)  # its own earlier output: replaced without --overwrite
     assert prep.is_prepared(d) and len(PretrainingDataset(d, "train")) > 0
