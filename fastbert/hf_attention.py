@@ -28,8 +28,9 @@ Caution: what the kernel cannot do raises a ValueError that names the fallback, 
 (decoder) attention and any mask that is not a key padding mask (sliding windows, custom mask patterns, a prepared
 4-D mask), cross-attention and KV caches (keys of another length), grouped-query attention, head dims outside
 16..128, the `softcap`, `sliding_window`, `position_bias`, `s_aux` keywords; and `output_attentions` (keyword or
-config), whose fallback is "eager" (sdpa returns no weights either). A fully padded row gives zeros (eager attends evenly over its padding: that row differs, real tokens do
-not). DistilBERT does not hand `position_ids` to its layers: give it the cu_seq_lens keywords. Transformers ≥ 5.0.
+config), whose fallback is "eager" (sdpa returns no weights either). A fully padded row gives zeros (eager attends
+evenly over its padding: that row differs, real tokens do not). DistilBERT does not hand `position_ids` to its
+layers: give it the cu_seq_lens keywords. Transformers ≥ 5.0.
 Dispatch is the kernel's: CUDA → Triton; CPU → Triton's interpreter under TRITON_INTERPRET=1, else the plain-PyTorch
 reference (materialises [B, h, T, T]: right, not fast). Host syncs: none in the padded path; the padding-free forms
 read their boundaries back once per tensor and version (the layers of one forward share them), in every layer for
