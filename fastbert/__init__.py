@@ -2,6 +2,7 @@
 
 from .config import PRESETS, BertConfig
 from .fused import apply_fusions, fusion_report
+from .hf_attention import register_when_transformers_loads
 from .models import (
     BertForMaskedLM,
     BertForPreTraining,
@@ -25,3 +26,6 @@ __all__ = [
     "fusion_report",
     "optimize",
 ]
+
+# attn_implementation="fastbert" in transformers: registered when transformers' modeling_utils loads (not imported here)
+register_when_transformers_loads()

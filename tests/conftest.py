@@ -40,12 +40,14 @@ DEVICE = "cuda" if _CUDA else "cpu"
 
 # Test files whose every test must launch a Triton kernel (unless marked otherwise), as path prefixes.
 KERNEL_TESTS = ("tests/kernels/", "tests/fastbert/test_fused", "tests/fastbert/test_convergence.py",
-                "tests/fastbert/test_optimize.py", "tests/fastbert/test_compile.py")
+                "tests/fastbert/test_optimize.py", "tests/fastbert/test_compile.py",
+                "tests/fastbert/test_hf_attention.py")
 # Test file -> the kernel module its tests must launch from, where `test_<op>.py` -> `kernels.<op>` is wrong.
 KERNEL_MODULE = {
     "test_attention_scale.py": "kernels.attention",
     "test_attention_dropout_stats.py": "kernels.attention",
     "test_attention_backward_modes.py": "kernels.attention",
+    "test_hf_attention.py": "kernels.attention",
     # the GEMM-epilogue kernels live in kernels/matmul.py; the cuBLAS path's GELU epilogue in kernels/bias_gelu.py
     "test_linear_bias_gelu.py": ("kernels.matmul", "kernels.bias_gelu"),
     "test_qkv_projection.py": "kernels.matmul",
