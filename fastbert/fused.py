@@ -456,6 +456,20 @@ class FusedStack(nn.Module):
             return _to_compute_dtype(self._packed_layers(x, layers, packed))[0]
         return _to_compute_dtype(self._layers(x, layers, attention_mask))[0]
 
+    def forward_unpadded(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Every layer on tokens that come without padding: x (N, H), sequence b is rows cu_seqlens[b] :
+        cu_seqlens[b+1] (int32 [B+1]; its values are read once here, outside torch.compile). Returns (N, H)."""
+        layers = self.fused_layers()
+        if use_triton(x) and not all(layer.attention.self.can_unpad(x) for layer in layers):
+            raise ValueError(
+                "a padding-free batch needs the fused variable-length attention (fused_attention on, a head size "
+                f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], a float dtype): pad the batch instead"
+            )
+        if not _compiling():
+            check_cu_seqlens(cu_seqlens, max_seqlen, x.shape[0])
+        (x,) = _to_compute_dtype(x)
+        return _to_compute_dtype(self._unpadded(x, layers, _Packed(cu_seqlens, max_seqlen)))[0]
+
     def _padded(self, x: torch.Tensor, layers: list[FusedLayer], key_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in layers:
             x = self._run_layer(layer, x, key_mask)

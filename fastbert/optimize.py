@@ -81,6 +81,41 @@ def key_padding_from_hf_mask(
     return key
 
 
+def _padding_free(
+    encoder: FusedStack, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, int] | None:
+    """(cu_seqlens int32 [n+1], max_seqlen) of a padding-free batch — one row holding n sequences back to back, as
+    transformers' `DataCollatorWithFlattening` makes it — or None for an ordinary batch. The sequences are the ones
+    transformers' attention would see: the `cu_seq_lens_q/k`, `max_length_q/k` keywords, or, for a model whose
+    attention implementation reads them (flash attention, fastbert's backend), `position_ids` that restart."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is None and cu_k is None:
+        positions = kwargs.get("position_ids")
+        impl = str(getattr(encoder.hf_config, "_attn_implementation", None))
+        if positions is None or attention_mask is not None or hidden_states.shape[0] != 1 or positions.shape[-1] < 2 \
+                or not ("flash" in impl or impl == "fastbert"):
+            return None
+        if _compiling():
+            raise ValueError("under torch.compile a padding-free batch needs the cu_seq_lens_q/k and max_length_q/k "
+                             "keywords (reading position_ids would break the graph)")
+        if not bool((positions[..., 1:] < positions[..., :-1]).any()):  # one increasing run: a single sequence
+            return None
+        from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+        (cu_q, cu_k), (max_q, max_k) = prepare_fa_kwargs_from_position_ids(positions)
+    if cu_q is None or cu_k is None or max_q is None:
+        raise ValueError("a padding-free batch needs cu_seq_lens_q, cu_seq_lens_k and max_length_q together")
+    if hidden_states.shape[0] != 1 or attention_mask is not None:
+        raise ValueError(f"a padding-free batch (cu_seq_lens_q/k) is one row without attention_mask, got "
+                         f"{hidden_states.shape[0]} rows{' and a mask' if attention_mask is not None else ''}")
+    differ = cu_q is not cu_k and (cu_q.shape != cu_k.shape or not (_compiling() or torch.equal(cu_q, cu_k)))
+    if differ or (max_k is not None and int(max_k) != int(max_q)):
+        raise ValueError("cu_seq_lens_k / max_length_k differ from the queries': the fused encoder does "
+                         "self-attention only")
+    return cu_q.to(torch.int32), int(max_q)
+
+
 def _encode(
     encoder: FusedStack, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None, kwargs: dict[str, Any]
 ) -> torch.Tensor:
@@ -98,6 +133,11 @@ def _encode(
     packed = kwargs.get("packed")
     if packed is not None and not isinstance(packed, PackedBatch):
         raise ValueError(f"packed must be a fastbert.packing.PackedBatch or None, got {type(packed).__name__}")
+    varlen = _padding_free(encoder, hidden_states, attention_mask, kwargs)
+    if varlen is not None:
+        if packed is not None:
+            raise ValueError("packed= describes a padded batch; this one is padding-free (cu_seq_lens / position_ids)")
+        return encoder.forward_unpadded(hidden_states[0], *varlen)[None]  # (1, N, H)
     B, T, _ = hidden_states.shape
     readable = _values_readable(hidden_states)
     key_padding = key_padding_from_hf_mask(attention_mask, B, T, check=packed is None or readable)  # (B, T)
