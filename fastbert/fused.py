@@ -12,8 +12,9 @@ the same `state_dict` keys (Hugging Face's names): a checkpoint moves between th
                               `scaled_masked_softmax_dropout`
     FusedSelfOutput/Output    dense without bias (cuBLAS), then bias + dropout + residual + LayerNorm in one pass
     FusedIntermediate         dense + bias + GELU in one GEMM (`linear_bias_gelu`)
-    FusedEncoder              unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
-                              re-pads once at its exit (zeros at padded positions)
+    FusedStack / FusedEncoder unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
+                              re-pads once at its exit (zeros at padded positions); `FusedStack` is the runner,
+                              shared with `optimize()`'s transformers encoders (`fastbert.optimize`)
     FusedLMPredictionHead     transform (`linear_bias_gelu` + LayerNorm) and, for the loss, the whole head with
                               its cross-entropy on the labelled positions only (`mlm_cross_entropy`), without
                               materialising the (n, V) logits
@@ -62,7 +63,8 @@ Packing metadata (`fastbert.packing.PackedBatch`, ``packed=`` on the models). Gi
 loader computed, the encoder unpads by gathering the known token indices and the MLM head gathers the known
 labelled rows: no ``nonzero``, no ``.item()``, no data-dependent shape, so the fused forward and backward make
 no device→host synchronisation (the varlen attention's own check of cu_seqlens is skipped for metadata validated
-on the CPU) — the condition for CUDA graphs. Without it, everything below is unchanged.
+on the CPU) — the condition for CUDA graphs. Without it, the encoder reads the lengths back once at its entry; no
+layer reads cu_seqlens back (the stack made them, `_Packed`), in `torch.inference_mode()` too.
 
 torch.compile. The kernels are `torch.library` custom ops with fake implementations, so
 `torch.compile(model, fullgraph=True)` traces them without graph breaks. With ``packed=`` the compiled model runs
@@ -78,8 +80,7 @@ Caution:
 - Attention masks are key-padding masks: a mask that varies across queries (causal, arbitrary 2-D) is refused.
 - With `fused_mlm_loss`, the head returns the loss and the number of correct predictions but no logits
   (`logits` is None): ask for logits with the head's plain `forward`.
-- The `transformers` adapter (`optimize`) swaps the encoder only: the swapped encoder has no cross-attention,
-  no KV cache, no per-layer `output_hidden_states` / `output_attentions` (it raises), no gradient checkpointing.
+- A dropout's p is read from the `nn.Dropout` module at each call and applied when that module is in training mode.
 """
 
 from __future__ import annotations

@@ -165,18 +165,36 @@ def test_dropout_honoured_per_layout(arch, device, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["roberta", "albert", "distilbert"])
-def test_packed_equals_padded(arch, device):
-    """``packed=`` metadata (a fully padded row too) gives the padded call's outputs."""
+def test_packed_and_padding_free_equal_padded(arch, device):
+    """``packed=`` metadata (a fully padded row too), and a padding-free batch (one row, the sequences back to back,
+    as transformers' DataCollatorWithFlattening makes it: cu_seq_lens keywords, or restarting position_ids under a
+    flash attention implementation), give the padded call's outputs."""
     _, fused = pair(arch, device)
     base = fused.base_model
-    ids, mask = batch(arch, lengths=[11, 4, 0], device=device)
+    lengths = [11, 4, 0]
+    ids, mask = batch(arch, lengths=lengths, device=device)
+    real = mask.bool()
+    offset = 2 if arch == "roberta" else 0  # RoBERTa's positions start after its padding index
+    positions = (torch.arange(T, device=device) + offset).expand(len(lengths), T)
+    flat = dict(input_ids=ids[real][None], position_ids=positions[real][None])
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
     packed = PackedBatch.from_batch(mask.cpu()).to(device)
     with torch.no_grad():
-        a = base(input_ids=ids, attention_mask=mask).last_hidden_state
-        b = base(input_ids=ids, attention_mask=mask, packed=packed).last_hidden_state
-    real = mask.bool()
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
-    torch.testing.assert_close(b[real], a[real], rtol=1e-5, atol=1e-6)
+        padded = base(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        outs = {"packed=": base(input_ids=ids, attention_mask=mask, position_ids=positions, packed=packed),
+                "cu_seq_lens": base(**flat, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=11, max_length_k=11)}
+        if arch == "roberta":  # its encoder sees position_ids (DistilBERT's does not: transformers ignores them too)
+            eager = base.config._attn_implementation
+            base.config._attn_implementation = "flash_attention_2"
+            try:
+                outs["position_ids"] = base(**flat)
+            finally:
+                base.config._attn_implementation = eager
+    assert torch.isfinite(padded).all()
+    for name, out in outs.items():
+        got = out.last_hidden_state
+        got = got[real] if name == "packed=" else got[0]
+        torch.testing.assert_close(got, padded[real], rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.no_kernel
