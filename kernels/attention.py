@@ -943,6 +943,13 @@ def _check_cu_seqlens(
         _checked_cu[cu_seqlens] = key
 
 
+def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, total: int, max_seqlen: int) -> None:
+    """Record that `cu_seqlens`' values were validated on the host before it reached the device (packing metadata
+    from a CPU data loader), so `fused_attention_varlen` skips its device-to-host copy of them for this version."""
+    if not torch.compiler.is_compiling() and not cu_seqlens.is_inference():
+        _checked_cu[cu_seqlens] = (cu_seqlens._version, total, max_seqlen)
+
+
 def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> None:
     """What `fused_attention_varlen` checks of cu_seqlens (one device-to-host copy of its values), for a caller that
     checks once and then calls the kernels of every layer with ``validate_cu_seqlens=False``."""
