@@ -23,6 +23,10 @@ Packing metadata: ``model(input_ids, attention_mask=..., packed=PackedBatch)`` �
 arguments down to its encoder — runs the encoder on the packed real tokens without a host synchronisation
 (`fastbert.packing`); without it the encoder reads the lengths back once at its entry (none per layer, in
 `torch.inference_mode()` too). transformers' code around the encoder (its mask preparation) may synchronise.
+Padding-free batches — one row holding the sequences back to back, as transformers' `DataCollatorWithFlattening` and
+sentence-transformers (under flash attention) make them — run every layer on those tokens: the `cu_seq_lens_q/k`,
+`max_length_q/k` keywords, or `position_ids` that restart where the model's attention implementation reads them
+(flash attention, "fastbert"), as transformers' own attention would separate them.
 
 Caution: decoders, cross-attention, KV caches, non-GELU activations and non-absolute positions are refused, named;
 `output_hidden_states` / `output_attentions` — keywords or config — raise a ValueError (the fused encoder has no
@@ -183,7 +187,7 @@ class HFLayoutEncoder(FusedStack):
         super().__init__()
         self.config = config
         self.hf_config = hf_config  # read at every call: output_* flags set after optimize() count
-        self.layout = layout
+        self.layout_name, self.roles, self.input_projection = layout.name, layout.roles, layout.input_projection
         self.schedule = layout.schedule(hf_config)  # the layer modules' names, in the order they run
         for name, child in encoder.named_children():
             self.add_module(name, child)
@@ -202,7 +206,7 @@ class HFLayoutEncoder(FusedStack):
         for layer_name in dict.fromkeys(self.schedule):
             with torch.device("meta"):
                 view = FusedLayer(self.config)
-            for part, path in self.layout.roles.items():
+            for part, path in self.roles.items():
                 owner, _, leaf = part.rpartition(".")
                 expected = type(view.get_submodule(part))
                 if path is None:
@@ -227,7 +231,7 @@ class HFLayoutEncoder(FusedStack):
         for name in path.split("."):
             child = module._modules.get(name)
             if child is None:
-                raise ValueError(f"optimize: the {self.layout.name} encoder has no module {path!r}")
+                raise ValueError(f"optimize: the {self.layout_name} encoder has no module {path!r}")
             sources[id(module), name] = (module, name, child)
             module = child
         return module
@@ -246,8 +250,8 @@ class HFLayoutEncoder(FusedStack):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any):  # type: ignore[override]
         from transformers.modeling_outputs import BaseModelOutput
 
-        if self.layout.input_projection is not None:
-            hidden_states = self.get_submodule(self.layout.input_projection)(hidden_states)  # (B, T, H)
+        if self.input_projection is not None:
+            hidden_states = self.get_submodule(self.input_projection)(hidden_states)  # (B, T, H)
         return BaseModelOutput(last_hidden_state=_encode(self, hidden_states, attention_mask, kwargs))
 
 

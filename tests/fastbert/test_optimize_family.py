@@ -219,6 +219,7 @@ def test_parameters_names_sharing_and_save_load_kept(arch, tmp_path):
         assert shared.fused_layers()[0] is shared.fused_layers()[1]
         view = shared.fused_layers()[0]
         assert view.attention.self.query is shared.albert_layer_groups[0].albert_layers[0].attention.query
+        assert view.intermediate.approximate == "tanh"  # ALBERT's gelu_new
     model.save_pretrained(tmp_path)
     loaded = cls.from_pretrained(tmp_path)
     assert type(loaded) is cls
