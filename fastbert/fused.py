@@ -12,8 +12,9 @@ the same `state_dict` keys (Hugging Face's names): a checkpoint moves between th
                               `scaled_masked_softmax_dropout`
     FusedSelfOutput/Output    dense without bias (cuBLAS), then bias + dropout + residual + LayerNorm in one pass
     FusedIntermediate         dense + bias + GELU in one GEMM (`linear_bias_gelu`)
-    FusedEncoder              unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
-                              re-pads once at its exit (zeros at padded positions)
+    FusedStack / FusedEncoder unpads the real tokens once at its entry, runs every layer on [total_tokens, H],
+                              re-pads once at its exit (zeros at padded positions); `FusedStack` is the runner,
+                              shared with `optimize()`'s transformers encoders (`fastbert.optimize`)
     FusedLMPredictionHead     transform (`linear_bias_gelu` + LayerNorm) and, for the loss, the whole head with
                               its cross-entropy on the labelled positions only (`mlm_cross_entropy`), without
                               materialising the (n, V) logits
@@ -62,7 +63,8 @@ Packing metadata (`fastbert.packing.PackedBatch`, ``packed=`` on the models). Gi
 loader computed, the encoder unpads by gathering the known token indices and the MLM head gathers the known
 labelled rows: no ``nonzero``, no ``.item()``, no data-dependent shape, so the fused forward and backward make
 no device→host synchronisation (the varlen attention's own check of cu_seqlens is skipped for metadata validated
-on the CPU) — the condition for CUDA graphs. Without it, everything below is unchanged.
+on the CPU) — the condition for CUDA graphs. Without it, the encoder reads the lengths back once at its entry; no
+layer reads cu_seqlens back (the stack made them, `_Packed`), in `torch.inference_mode()` too.
 
 torch.compile. The kernels are `torch.library` custom ops with fake implementations, so
 `torch.compile(model, fullgraph=True)` traces them without graph breaks. With ``packed=`` the compiled model runs
@@ -78,8 +80,7 @@ Caution:
 - Attention masks are key-padding masks: a mask that varies across queries (causal, arbitrary 2-D) is refused.
 - With `fused_mlm_loss`, the head returns the loss and the number of correct predictions but no logits
   (`logits` is None): ask for logits with the head's plain `forward`.
-- The `transformers` adapter (`optimize`) swaps the encoder only: the swapped encoder has no cross-attention,
-  no KV cache, no per-layer `output_hidden_states` / `output_attentions` (it raises), no gradient checkpointing.
+- A dropout's p is read from the `nn.Dropout` module at each call and applied when that module is in training mode.
 """
 
 from __future__ import annotations
@@ -97,11 +98,11 @@ from kernels._common import FLOAT_DTYPES, use_triton
 from kernels.attention import (
     MAX_HEAD_DIM,
     MIN_HEAD_DIM,
+    check_cu_seqlens,
     fused_attention,
     fused_attention_qkvpacked,
     fused_attention_varlen,
     fused_attention_varlen_qkvpacked,
-    mark_cu_seqlens_checked,
 )
 from kernels.bias_dropout_add_layernorm import bias_dropout_add_layernorm
 from kernels.linear_bias_gelu import linear_bias_gelu
@@ -138,6 +139,7 @@ __all__ = [
     "FusedPredictionHeadTransform",
     "FusedSelfAttention",
     "FusedSelfOutput",
+    "FusedStack",
     "apply_fusions",
     "format_fusion_report",
     "fusion_report",
@@ -181,14 +183,16 @@ def attention_unsupported(head_dim: int, dtype: torch.dtype) -> str | None:
 
 
 class _Packed(NamedTuple):
-    """The variable-length layout of an unpadded batch (see `kernels.padding.unpad_input`)."""
+    """The variable-length layout of an unpadded batch (see `kernels.padding.unpad_input`), its values already
+    validated by the stack (made by `unpad_input`, or checked once at its entry): no layer reads them back."""
 
     cu_seqlens: torch.Tensor  # int32 (B + 1,): start of each sequence in the packed tokens
     max_seqlen: int
 
 
-def _dropout_p(module: nn.Module, dropout: nn.Dropout) -> float:
-    return dropout.p if module.training else 0.0
+def _dropout_p(dropout: nn.Dropout) -> float:
+    """The dropout's p when it is in training mode (its own flag, as `dropout(x)` would honour), else 0."""
+    return dropout.p if dropout.training else 0.0
 
 
 def _to_compute_dtype(x: torch.Tensor, *others: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -268,17 +272,21 @@ class FusedSelfAttention(BertSelfAttention):
         triton_ok = use_triton(x)
         if packed is None and not (triton_ok and (self.config.fused_qkv or self.config.fused_attention)):
             return super().forward(x, key_mask)
-        p = _dropout_p(self, self.dropout)
+        p = _dropout_p(self.dropout)
         if self.config.fused_qkv and self.config.fused_attention and self.can_unpad(x):
             qkv = self._qkv_packed(x)  # (B, T, 3, h, d) or (N, 3, h, d)
             if packed is not None:
-                ctx = fused_attention_varlen_qkvpacked(qkv, packed.cu_seqlens, packed.max_seqlen, p)  # (N, h, d)
+                ctx = fused_attention_varlen_qkvpacked(
+                    qkv, packed.cu_seqlens, packed.max_seqlen, p, validate_cu_seqlens=False
+                )  # (N, h, d)
                 return ctx.reshape(x.shape)  # (N, H)
             pad = key_mask[:, 0, 0, :] if key_mask is not None else None  # (B, T) True = real token
             return fused_attention_qkvpacked(qkv, key_padding_mask=pad, dropout_p=p).reshape(x.shape)  # (B, T, H)
         q, k, v = self._qkv(x)  # (B, T, h, d) or (N, h, d)
         if packed is not None:
-            ctx = fused_attention_varlen(q, k, v, packed.cu_seqlens, packed.max_seqlen, p, None, None)  # (N, h, d)
+            ctx = fused_attention_varlen(
+                q, k, v, packed.cu_seqlens, packed.max_seqlen, p, validate_cu_seqlens=False
+            )  # (N, h, d)
             return ctx.reshape(x.shape)  # (N, H)
         B, T, H = x.shape
         if not (self.config.fused_attention and triton_ok):
@@ -314,7 +322,7 @@ def _dense_dropout_add_layernorm(module: BertSelfOutput, x: torch.Tensor, residu
     x, w, residual = _to_compute_dtype(x, module.dense.weight, residual)
     y = F.linear(x, w)  # (..., H) no bias: the kernel adds it
     return bias_dropout_add_layernorm(
-        y, module.dense.bias, residual, ln.weight, ln.bias, _dropout_p(module, module.dropout), ln.eps
+        y, module.dense.bias, residual, ln.weight, ln.bias, _dropout_p(module.dropout), ln.eps
     )
 
 
@@ -402,20 +410,26 @@ class FusedLayer(BertLayer):
         )
 
 
-class FusedEncoder(BertEncoder):
-    """The encoder stack; unpads once at its entry and re-pads once at its exit (see the module docstring).
+class FusedStack(nn.Module):
+    """A stack of `FusedLayer`s run as one encoder: unpads once at its entry, re-pads once at its exit (see the
+    module docstring). The one runner behind fastbert's `FusedEncoder` and `optimize()`'s transformers encoders.
 
     forward(x (B, T, H), attention_mask (B, T) 1 = real token, or None, packed PackedBatch or None) -> (B, T, H).
-    With `packed` (checked by the model against the batch) unpadding gathers its token indices: no host sync."""
+    With `packed` (checked by the model against the batch) unpadding gathers its token indices: no host sync.
+    Subclasses name the layers: `fused_layers()` in the order they run (one may run more than once: ALBERT shares
+    a layer across depth), `named_fused_layers()` each once, for reports."""
 
-    def __init__(self, config: BertConfig):
-        super().__init__(config)
-        self.config = config
-        self.layer = nn.ModuleList(FusedLayer(config) for _ in range(config.num_hidden_layers))
-        # Activation checkpointing per layer, in training with autograd on (transformers'
-        # gradient_checkpointing_enable() sets both attributes on an optimize()d model).
-        self.gradient_checkpointing = False
-        self._gradient_checkpointing_func = None
+    config: BertConfig
+    # Activation checkpointing per layer, in training with autograd on (transformers' gradient_checkpointing_enable()
+    # sets both attributes on an optimize()d model).
+    gradient_checkpointing: bool = False
+    _gradient_checkpointing_func: Any = None
+
+    def fused_layers(self) -> list[FusedLayer]:
+        raise NotImplementedError
+
+    def named_fused_layers(self) -> list[tuple[str, FusedLayer]]:
+        raise NotImplementedError
 
     def _run_layer(self, layer: nn.Module, *args: Any) -> torch.Tensor:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
@@ -424,58 +438,71 @@ class FusedEncoder(BertEncoder):
             return self._gradient_checkpointing_func(layer.__call__, *args)
         return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
 
-    def _unpad_possible(self, x: torch.Tensor, packed: PackedBatch | None = None) -> bool:
+    def _unpad_possible(self, x: torch.Tensor, layers: list[FusedLayer], packed: PackedBatch | None = None) -> bool:
         return (
             self.config.unpad
             and (packed is not None or not _compiling())
-            and all(layer.attention.self.can_unpad(x) for layer in self.layer)
+            and all(layer.attention.self.can_unpad(x) for layer in layers)
         )
 
     def forward(
         self, x: torch.Tensor, attention_mask: torch.Tensor | None, packed: PackedBatch | None = None
     ) -> torch.Tensor:
-        if not use_triton(x):
-            if not self.gradient_checkpointing:
-                return super().forward(x, attention_mask)
-            key_mask = extended_mask(attention_mask)
-            for layer in self.layer:
-                x = self._run_layer(layer, x, key_mask)
-            return x
+        layers = self.fused_layers()
+        if not use_triton(x):  # every layer takes its reference path
+            return self._padded(x, layers, extended_mask(attention_mask))
         # Under autocast the residual stream runs in autocast's dtype from entry to exit (module docstring).
         (x,) = _to_compute_dtype(x)
-        if packed is not None and attention_mask is not None and self._unpad_possible(x, packed):
-            return _to_compute_dtype(self._packed_layers(x, packed))[0]
-        return _to_compute_dtype(self._layers(x, attention_mask))[0]
+        if packed is not None and attention_mask is not None and self._unpad_possible(x, layers, packed):
+            return _to_compute_dtype(self._packed_layers(x, layers, packed))[0]
+        return _to_compute_dtype(self._layers(x, layers, attention_mask))[0]
 
-    def _packed_layers(self, x: torch.Tensor, packed: PackedBatch) -> torch.Tensor:
-        """Every layer on the real tokens the metadata names; no host synchronisation."""
+    def forward_unpadded(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
+        """Every layer on tokens that come without padding: x (N, H), sequence b is rows cu_seqlens[b] :
+        cu_seqlens[b+1] (int32 [B+1]; its values are read once here, outside torch.compile). Returns (N, H)."""
+        layers = self.fused_layers()
+        if use_triton(x) and not all(layer.attention.self.can_unpad(x) for layer in layers):
+            raise ValueError(
+                "a padding-free batch needs the fused variable-length attention (fused_attention on, a head size "
+                f"in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], a float dtype): pad the batch instead"
+            )
+        if not _compiling():
+            check_cu_seqlens(cu_seqlens, max_seqlen, x.shape[0])
+        (x,) = _to_compute_dtype(x)
+        return _to_compute_dtype(self._unpadded(x, layers, _Packed(cu_seqlens, max_seqlen)))[0]
+
+    def _padded(self, x: torch.Tensor, layers: list[FusedLayer], key_mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in layers:
+            x = self._run_layer(layer, x, key_mask)
+        return x
+
+    def _unpadded(self, packed_x: torch.Tensor, layers: list[FusedLayer], layout: _Packed) -> torch.Tensor:
+        for layer in layers:
+            packed_x = self._run_layer(layer, packed_x, None, layout)  # (N, H)
+        return packed_x
+
+    def _packed_layers(self, x: torch.Tensor, layers: list[FusedLayer], packed: PackedBatch) -> torch.Tensor:
+        """Every layer on the real tokens the metadata names; no host synchronisation for metadata checked on the
+        CPU (`PackedBatch.values_checked`), else one read of cu_seqlens here, not one per layer."""
         B, T, _ = x.shape
         packed_x = unpad_input_indexed(x, packed.token_indices)  # (N, H)
-        if packed.values_checked and not _compiling():  # checked on the CPU: attention need not read cu_seqlens
-            mark_cu_seqlens_checked(packed.cu_seqlens, packed.num_tokens, packed.max_seqlen)
-        layout = _Packed(packed.cu_seqlens, packed.max_seqlen)
-        for layer in self.layer:
-            packed_x = self._run_layer(layer, packed_x, None, layout)  # (N, H)
+        if not packed.values_checked and not _compiling():
+            check_cu_seqlens(packed.cu_seqlens, packed.max_seqlen, packed.num_tokens)
+        packed_x = self._unpadded(packed_x, layers, _Packed(packed.cu_seqlens, packed.max_seqlen))
         # The metadata's indices were checked against this batch (PackedBatch.check): no value check here.
         return pad_input(packed_x, packed.token_indices, B, T, validate=False)  # (B, T, H), zeros at padding
 
-    def _layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if attention_mask is None or not self._unpad_possible(x):
-            key_mask = extended_mask(attention_mask)  # (B, 1, 1, T) bool, or None
-            for layer in self.layer:
-                x = self._run_layer(layer, x, key_mask)
-            return x
+    def _layers(self, x: torch.Tensor, layers: list[FusedLayer], attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None or not self._unpad_possible(x, layers):
+            return self._padded(x, layers, extended_mask(attention_mask))  # key mask (B, 1, 1, T) bool, or None
         real = attention_mask.bool()  # (B, T)
         if bool(real.all()):  # no padding: nothing to skip (one host sync, which unpadding needs anyway)
-            for layer in self.layer:
-                x = self._run_layer(layer, x, None)
-            return x
+            return self._padded(x, layers, None)
         B, T, _ = x.shape
         packed_x, indices, cu_seqlens, max_seqlen = unpad_input(x, real)  # (N, H)
-        packed = _Packed(cu_seqlens, max_seqlen)
-        for layer in self.layer:
-            packed_x = self._run_layer(layer, packed_x, None, packed)  # (N, H)
-        return pad_input(packed_x, indices, B, T)  # (B, T, H), zeros at padding
+        # cu_seqlens and indices are unpad_input's own, right by construction: no layer re-reads them.
+        packed_x = self._unpadded(packed_x, layers, _Packed(cu_seqlens, max_seqlen))
+        return pad_input(packed_x, indices, B, T, validate=False)  # (B, T, H), zeros at padding
 
     def fusion_path(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
         if not _triton_on(device):
@@ -483,12 +510,27 @@ class FusedEncoder(BertEncoder):
         probe = torch.empty(0, device=device, dtype=dtype)
         if not self.config.unpad:
             return "padded (unpad off)"
-        if not all(layer.attention.self.can_unpad(probe) for layer in self.layer):
+        if not all(layer.attention.self.can_unpad(probe) for layer in self.fused_layers()):
             return "padded (unpadding needs the fused variable-length attention)"
         return (
-            "unpadded: real tokens only between entry and exit (without packed= metadata: host syncs, and padded "
-            "under torch.compile)"
+            "unpadded: real tokens only between entry and exit (without packed= metadata: host syncs at the entry, "
+            "and padded under torch.compile)"
         )
+
+
+class FusedEncoder(FusedStack, BertEncoder):
+    """fastbert's encoder stack of `FusedLayer`s (`FusedStack`), with `BertEncoder`'s constructor and names."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.config = config
+        self.layer = nn.ModuleList(FusedLayer(config) for _ in range(config.num_hidden_layers))
+
+    def fused_layers(self) -> list[FusedLayer]:
+        return list(self.layer)
+
+    def named_fused_layers(self) -> list[tuple[str, FusedLayer]]:
+        return [(f"layer.{i}", layer) for i, layer in enumerate(self.layer)]
 
 
 # ---------------------------------------------------------------------------------------------- MLM head
@@ -646,10 +688,10 @@ def fusion_report(
         elif type(module).__name__ == "BertEmbeddings":  # fastbert's or transformers'
 
             report[name] = "reference (by design: see fastbert.fused's docstring)"
-        elif isinstance(module, FusedEncoder):
+        elif isinstance(module, FusedStack):
             report[name] = module.fusion_path(device, dtype)
-            for i, layer in enumerate(module.layer):
-                report[f"{name}.layer.{i}"] = layer.fusion_path(device, dtype)
+            for sub, layer in module.named_fused_layers():
+                report[f"{name}.{sub}"] = layer.fusion_path(device, dtype)
         elif type(module) in _SWAPS or type(module).__name__ == "BertEncoder":
             report[name] = "reference (not swapped)"
     return report

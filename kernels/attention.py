@@ -93,6 +93,7 @@ __all__ = [
     "attention_dropout_mask_varlen",
     "attention_ref",
     "attention_varlen_ref",
+    "check_cu_seqlens",
     "fused_attention",
     "fused_attention_qkvpacked",
     "fused_attention_varlen",
@@ -908,7 +909,9 @@ def _check_deterministic(deterministic: object) -> bool:
 _checked_cu = WeakIdKeyDictionary()
 
 
-def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device: torch.device) -> None:
+def _check_cu_seqlens(
+    cu_seqlens: object, max_seqlen: object, total: int, device: torch.device, values: bool = True
+) -> None:
     check_tensor("cu_seqlens", cu_seqlens, ndim=1, device=device)
     if cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be int32 (like FlashAttention), got {cu_seqlens.dtype}")
@@ -918,8 +921,8 @@ def _check_cu_seqlens(cu_seqlens: object, max_seqlen: object, total: int, device
         raise ValueError("cu_seqlens must be contiguous")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
-    if torch.compiler.is_compiling():
-        return  # values are data: checking them would break the graph
+    if not values or torch.compiler.is_compiling():
+        return  # the caller vouches for the values; under compilation they are data (a check would break the graph)
     # Cached per tensor version: the encoder passes one cu_seqlens to every layer (one host sync, not twelve).
     # Inference tensors have no version counter: those are checked every call.
     version = None if cu_seqlens.is_inference() else cu_seqlens._version
@@ -945,6 +948,12 @@ def mark_cu_seqlens_checked(cu_seqlens: torch.Tensor, total: int, max_seqlen: in
     from a CPU data loader), so `fused_attention_varlen` skips its device-to-host copy of them for this version."""
     if not torch.compiler.is_compiling() and not cu_seqlens.is_inference():
         _checked_cu[cu_seqlens] = (cu_seqlens._version, total, max_seqlen)
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> None:
+    """What `fused_attention_varlen` checks of cu_seqlens (one device-to-host copy of its values), for a caller that
+    checks once and then calls the kernels of every layer with ``validate_cu_seqlens=False``."""
+    _check_cu_seqlens(cu_seqlens, max_seqlen, total, cu_seqlens.device)
 
 
 def _run_kernel(q: torch.Tensor, *others: torch.Tensor) -> bool:
@@ -1011,15 +1020,19 @@ def fused_attention_varlen(
     softmax_scale: float | None = None,
     seed: int | None = None,
     deterministic: bool | None = None,
+    *,
+    validate_cu_seqlens: bool = True,
 ) -> torch.Tensor:
     """`fused_attention` on packed real tokens: q, k, v [total_tokens, h, d], sequence b is tokens
     cu_seqlens[b] : cu_seqlens[b+1] (int32 [B+1]); max_seqlen ≥ every length. No work is done on padding.
     Drops the same entries as the padded call of the same batch and seed. Returns a contiguous
-    [total_tokens, h, d] tensor.
+    [total_tokens, h, d] tensor. cu_seqlens' values are read back and checked (one host sync, cached per tensor
+    version outside inference mode) unless `validate_cu_seqlens=False`: for a caller that made them itself or ran
+    `check_cu_seqlens` once for all its layers (shape and dtype are checked either way).
     """
     _check_qkv(q, k, v, ndim=3)
     total, H, d = q.shape
-    _check_cu_seqlens(cu_seqlens, max_seqlen, total, q.device)
+    _check_cu_seqlens(cu_seqlens, max_seqlen, total, q.device, validate_cu_seqlens)
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, d)
     _check_offsets(max_seqlen, max_seqlen, dropout_p)
@@ -1071,14 +1084,18 @@ def fused_attention_varlen_qkvpacked(
     softmax_scale: float | None = None,
     seed: int | None = None,
     deterministic: bool | None = None,
+    *,
+    validate_cu_seqlens: bool = True,
 ) -> torch.Tensor:
     """`fused_attention_varlen` on q, k, v stacked in one qkv [total_tokens, 3, h, d]; its gradient is one dqkv
-    buffer of that layout (see `fused_attention_qkvpacked`). Returns [total_tokens, h, d]."""
+    buffer of that layout (see `fused_attention_qkvpacked`). Returns [total_tokens, h, d]. `validate_cu_seqlens` as
+    in `fused_attention_varlen`."""
     q, k, v = _split_qkv(qkv, 4)
     if not _run_kernel(q, k, v, cu_seqlens):
-        return fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic)
+        return fused_attention_varlen(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, seed, deterministic,
+                                      validate_cu_seqlens=validate_cu_seqlens)
     _check_qkv(q, k, v, ndim=3)
-    _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    _check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device, validate_cu_seqlens)
     dropout_p = check_dropout_p(dropout_p)
     scale = _check_scale(softmax_scale, q.shape[-1])
     _check_offsets(max_seqlen, max_seqlen, dropout_p)

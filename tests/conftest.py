@@ -41,7 +41,7 @@ DEVICE = "cuda" if _CUDA else "cpu"
 # Test files whose every test must launch a Triton kernel (unless marked otherwise), as path prefixes.
 KERNEL_TESTS = ("tests/kernels/", "tests/fastbert/test_fused", "tests/fastbert/test_convergence.py",
                 "tests/fastbert/test_optimize.py", "tests/fastbert/test_compile.py",
-                "tests/fastbert/test_hf_attention.py")
+                "tests/fastbert/test_hf_attention.py", "tests/fastbert/test_optimize_family.py")
 # Test file -> the kernel module its tests must launch from, where `test_<op>.py` -> `kernels.<op>` is wrong.
 KERNEL_MODULE = {
     "test_attention_scale.py": "kernels.attention",

@@ -65,6 +65,8 @@ def test_cli_quick_on_cpu(tmp_path, capsys):
     with open(tmp_path / "train_step.csv", newline="") as f:
         train = {r["candidate"]: r for r in csv.DictReader(f) if r["ms"]}
     assert "fastbert-ref" in train and "hf-sdpa" in train  # the reference model vs transformers, same run
+    with open(tmp_path / "train_step.csv", newline="") as f:  # the BERT family's quick case ran too
+        assert any(r["case"].startswith("train roberta-") and r["ms"] for r in csv.DictReader(f))
     assert train["hf-sdpa"]["speedup"] == "1"
 
 

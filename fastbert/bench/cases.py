@@ -1,5 +1,7 @@
 """What every op family shares: shapes, FLOP formulas, the `OpCase` (inputs, candidates, cost model), input
-makers, candidate-availability helpers, and `run_op_case`, which measures one case's candidates interleaved."""
+makers, candidate-availability helpers, and `run_op_case`, which measures one case's candidates interleaved; and
+the BERT family (RoBERTa, XLM-R) the train and inference families measure besides BERT, with transformers'
+attention paths as candidates."""
 
 from __future__ import annotations
 
@@ -244,3 +246,104 @@ def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, ro
     free_memory(dev)
     return finish_rows(rows, env, case.baseline)
 
+
+
+# ---------------------------------------------------------------------------------------------- the BERT family
+# transformers encoders measured besides BERT in the train and inference families: the size comes from a fastbert
+# preset ("roberta-base"), the rest of the config as the published checkpoints have it.
+
+
+@dataclass(frozen=True)
+class HFArch:
+    config: str  # transformers config class
+    pretraining: str  # the model a training step runs (RoBERTa and XLM-R train masked LM only)
+    base: str  # the encoder inference runs
+    vocab_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    pad_token_id: int
+
+
+HF_ARCHS = {
+    "roberta": HFArch("RobertaConfig", "RobertaForMaskedLM", "RobertaModel", 50265, 514, 1, 1),
+    "xlm-roberta": HFArch("XLMRobertaConfig", "XLMRobertaForMaskedLM", "XLMRobertaModel", 250002, 514, 1, 1),
+}
+# The training-step cases of these a run measures besides BERT's (padded batches, lengths T/2..T): GPU (--quick), CPU
+# (--quick). XLM-R's 250k-token vocabulary makes its masked-LM head too heavy for a CPU smoke run.
+GPU_FAMILY_TRAIN = ("roberta-base/128/256/padded", "xlm-roberta-base/128/64/padded")
+GPU_FAMILY_TRAIN_QUICK = ("roberta-base/128/64/padded", "xlm-roberta-base/128/16/padded")
+CPU_FAMILY_TRAIN = ("roberta-mini/64/8/padded",)
+CPU_FAMILY_TRAIN_QUICK = ("roberta-tiny/16/2/padded",)
+BERT = "bert"  # the architecture of fastbert's own models (and of every case named by a bare preset)
+HF_FLASH = "hf-flash-attention-2"  # transformers' flash_attention_2 path (FlashAttention-2 varlen, unpads per layer)
+HF_ATTN_FASTBERT = "hf-attn-fastbert"  # transformers with attn_implementation="fastbert" (fastbert's backend)
+
+
+def split_model(name: str) -> tuple[str, str]:
+    """"roberta-base" -> ("roberta", "base"); a bare preset or model name -> ("bert", name)."""
+    for arch in HF_ARCHS:
+        if name.startswith(arch + "-"):
+            return arch, name[len(arch) + 1:]
+    return BERT, name
+
+
+def hf_arch_config(arch: str, cfg: BertConfig) -> Any:
+    """The transformers config of `arch` at `cfg`'s size (hidden, layers, heads, FFN, activation, dropout)."""
+    import transformers
+
+    a = HF_ARCHS[arch]
+    return getattr(transformers, a.config)(
+        vocab_size=a.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act, hidden_dropout_prob=cfg.hidden_dropout_prob,
+        attention_probs_dropout_prob=cfg.attention_probs_dropout_prob, layer_norm_eps=1e-5,
+        max_position_embeddings=a.max_position_embeddings, type_vocab_size=a.type_vocab_size,
+        pad_token_id=a.pad_token_id,
+    )  # fmt: skip
+
+
+def hf_arch_model(arch: str, kind: str, cfg: BertConfig, attn: str) -> torch.nn.Module:
+    """transformers' `kind` ("pretraining" or "base") model of `arch` at `cfg`'s size, with attention `attn`."""
+    import transformers
+
+    cls = getattr(transformers, getattr(HF_ARCHS[arch], kind))
+    return cls._from_config(hf_arch_config(arch, cfg), attn_implementation=attn)
+
+
+def hf_attention_candidates(env: BenchEnv) -> tuple[list[str], dict[str, str]]:
+    """transformers' own attention paths beyond SDPA that run here: (names, skipped with their reason)."""
+    names: list[str] = []
+    skipped: dict[str, str] = {}
+    if not env.cuda:
+        skipped[HF_FLASH] = "flash_attention_2 runs on CUDA only"
+    else:
+        try:
+            from transformers.utils import is_flash_attn_2_available
+
+            ok = is_flash_attn_2_available()
+        except ImportError:
+            ok = False
+        if ok:
+            names.append(HF_FLASH)
+        else:
+            skipped[HF_FLASH] = "flash_attn is not importable here (transformers' flash_attention_2 needs it)"
+    try:  # `import fastbert` (done: this is fastbert.bench) registers the backend, where this fastbert has one
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        registered = "fastbert" in ALL_ATTENTION_FUNCTIONS.valid_keys()
+    except (ImportError, AttributeError):
+        registered = False
+    if not registered:
+        skipped[HF_ATTN_FASTBERT] = 'attn_implementation="fastbert" is not registered by this fastbert'
+    elif not env.cuda:
+        skipped[HF_ATTN_FASTBERT] = "no CUDA device: the attention backend's kernels run on CUDA (CPU: reference path)"
+    elif _fastbert_skip_reason(env):
+        skipped[HF_ATTN_FASTBERT] = _fastbert_skip_reason(env)
+    else:
+        names.append(HF_ATTN_FASTBERT)
+    return names, skipped
+
+
+def hf_attn(candidate: str) -> str:
+    """The attn_implementation a transformers candidate builds its model with."""
+    return {"hf-eager": "eager", HF_FLASH: "flash_attention_2", HF_ATTN_FASTBERT: "fastbert"}.get(candidate, "sdpa")

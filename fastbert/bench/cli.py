@@ -33,7 +33,7 @@ from .inference import (
 from .kernel_cases import KERNEL_OPS, kernel_cases
 from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, write_csvs
 from .timing import BenchEnv, git_commit, load_or_measure_ceilings, make_env, versions
-from .train_step import TrainCase, run_train_cases, train_candidates
+from .train_step import TrainCase, family_train_cases, run_train_cases, train_candidates
 
 # ---------------------------------------------------------------------------------------------- suites
 
@@ -74,7 +74,7 @@ def default_train_cases(env: BenchEnv, plan: Plan) -> list[TrainCase]:
     cases = []
     for size, T, B in op_shapes(env, plan):
         cases += [TrainCase(size, T, B), TrainCase(size, T, B, padded=True)]
-    return cases
+    return cases + family_train_cases(env.cuda, plan.quick, plan.sizes)
 
 
 def default_inference_cases(env: BenchEnv, plan: Plan) -> list[InferenceCase]:
@@ -98,7 +98,9 @@ def gpu_only_cases(plan: Plan) -> list[str]:
     if "kernels" in plan.families:
         out.append(f"kernels bf16 at {txt} tokens (fused vs eager vs torch.compile, peers liger and cublaslt)")
     if "train" in plan.families:
-        out.append(f"training step (bf16 autocast, fused AdamW) at {txt}, full and padded, vs transformers")
+        family = ", ".join(c.label for c in family_train_cases(True, plan.quick))
+        out.append(f"training step (bf16 autocast, fused AdamW) at {txt}, full and padded, and {family}, vs "
+                   "transformers (SDPA, compile, flash_attention_2, attn_implementation='fastbert', optimize())")
     if "inference" in plan.families:
         out.append(f"inference bf16 {', '.join(GPU_INFERENCE_CASES)} (fused model vs transformers SDPA, compile, "
                    "optimize(), sentence-transformers)")
@@ -132,14 +134,17 @@ def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
             for case in kernel_cases(env, size, B, T, allow_compile=plan.allow_compile, ops=plan.kernel_ops):
                 add_case(case)
     if "train" in plan.families:
-        names, skipped = train_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                          only=plan.candidates)
         cases = list(plan.train_cases) if plan.train_cases else default_train_cases(env, plan)
-        add(", ".join(c.label for c in cases), names, skipped)
+        for arch in dict.fromkeys(c.arch for c in cases):  # candidates depend on the architecture
+            names, skipped = train_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                              only=plan.candidates, arch=arch)
+            add(", ".join(c.label for c in cases if c.arch == arch), names, skipped)
     if "inference" in plan.families:
-        names, skipped = inference_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                              only=plan.candidates)
-        add(", ".join(c.label for c in default_inference_cases(env, plan)), names, skipped)
+        cases = default_inference_cases(env, plan)
+        for arch in dict.fromkeys(c.arch for c in cases):
+            names, skipped = inference_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                                  only=plan.candidates, arch=arch)
+            add(", ".join(c.label for c in cases if c.arch == arch), names, skipped)
     unknown = sorted(set(plan.candidates or ()) - known)
     if unknown:
         raise ValueError(f"--candidates {' '.join(unknown)}: no such candidate in families {list(plan.families)}")

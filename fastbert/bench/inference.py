@@ -3,12 +3,14 @@ length distributions of real text (`lengths.py`: Rotten Tomatoes snippets, Wikip
 padded to its longest sequence as a tokenizer's ``padding="longest"`` does.
 
 Candidates: `fastbert` (the model users import, fused layers on; CUDA), `fastbert-ref` (every fusion off),
-`hf-sdpa`, `hf-sdpa-compile` (CUDA), `hf-sdpa+optimize` (fastbert's layers swapped into the transformers model;
+`hf-sdpa`, `hf-sdpa-compile` (CUDA), `hf-flash-attention-2` (where flash_attn is importable), `hf-attn-fastbert`
+(attn_implementation="fastbert"), `hf-sdpa+optimize` (fastbert's layers swapped into the transformers model;
 CUDA) and `sentence-transformers` (`SentenceTransformer.encode` on texts of exactly the same token lengths: its time
 includes tokenization, length sorting and mean pooling — end to end, as its users run it). Baseline: `hf-sdpa`.
 All share one set of random weights (speed does not depend on their values); the `check` column compares each
 candidate's last hidden state at the real positions with the baseline's (not sentence-transformers': pooled).
-CUDA: bf16 weights; CPU: fp32.
+CUDA: bf16 weights; CPU: fp32. Models named "roberta-base", "xlm-roberta-base" are transformers' encoders of that
+architecture (`cases.HF_ARCHS`; no fastbert model of their own).
 """
 
 from __future__ import annotations
@@ -24,7 +26,19 @@ import torch
 
 from ..config import PRESETS, BertConfig
 from . import peers
-from .cases import _compile_skip_reason, _fastbert_skip_reason, _gen
+from .cases import (
+    BERT,
+    HF_ARCHS,
+    HF_ATTN_FASTBERT,
+    HF_FLASH,
+    _compile_skip_reason,
+    _fastbert_skip_reason,
+    _gen,
+    hf_arch_model,
+    hf_attention_candidates,
+    hf_attn,
+    split_model,
+)
 from .lengths import LENGTHS
 from .results import Row, finish_rows
 from .timing import BenchEnv, _short_error, extra_bytes, first_call_s, free_memory, interleaved_ms
@@ -34,8 +48,8 @@ MODELS = {"minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_hea
           **PRESETS}
 CORPORA = tuple(LENGTHS)
 GPU_INFERENCE_CASES = ("minilm/rotten_tomatoes/128", "minilm/wikipedia/128", "base/rotten_tomatoes/128",
-                       "base/wikipedia/128")
-CPU_INFERENCE_CASES = ("tiny/rotten_tomatoes/16", "tiny/wikipedia/8")
+                       "base/wikipedia/128", "roberta-base/wikipedia/128", "xlm-roberta-base/wikipedia/128")
+CPU_INFERENCE_CASES = ("tiny/rotten_tomatoes/16", "tiny/wikipedia/8", "roberta-tiny/rotten_tomatoes/16")
 CPU_MAX_LEN = 128  # CPU cases cut the lengths here (a tiny model on two cores)
 BASELINE = "hf-sdpa"
 
@@ -51,14 +65,24 @@ class InferenceCase:
     def label(self) -> str:
         return f"encode {self.model}/{self.corpus}/{self.B}"
 
+    @property
+    def arch(self) -> str:
+        return split_model(self.model)[0]
+
+    @property
+    def size(self) -> str:
+        return split_model(self.model)[1]
+
     @classmethod
     def parse(cls, spec: str, max_len: int = 512) -> InferenceCase:
-        """"minilm/wikipedia/128"."""
+        """"minilm/wikipedia/128", "roberta-base/wikipedia/128"."""
         parts = spec.strip().split("/")
-        if len(parts) != 3 or parts[0] not in MODELS or parts[1] not in CORPORA or not parts[2].isdigit() \
-                or int(parts[2]) < 1:
+        arch, size = split_model(parts[0]) if parts else (BERT, "")
+        known = size in (MODELS if arch == BERT else PRESETS)
+        if len(parts) != 3 or not known or parts[1] not in CORPORA or not parts[2].isdigit() or int(parts[2]) < 1:
             raise ValueError(f"inference case must look like minilm/wikipedia/128 with a model from "
-                             f"{sorted(MODELS)} and a corpus from {list(CORPORA)}, got {spec!r}")
+                             f"{sorted(MODELS)} (or ARCH-preset, ARCH from {sorted(HF_ARCHS)}) and a corpus from "
+                             f"{list(CORPORA)}, got {spec!r}")
         return cls(parts[0], parts[1], int(parts[2]), max_len)
 
     def lengths(self) -> list[int]:
@@ -67,11 +91,14 @@ class InferenceCase:
 
 
 def inference_candidates(env: BenchEnv, *, allow_compile: bool = True, allow_hf: bool = True,
-                         only: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+                         only: Sequence[str] | None = None, arch: str = BERT) -> tuple[list[str], dict[str, str]]:
     """Candidate names that can run here, and the skipped ones with their reason."""
     names, skipped = ["fastbert-ref"], {}
     why_fb = "no CUDA device: the fused model is the reference model on a CPU (see fastbert-ref)" if not env.cuda \
         else _fastbert_skip_reason(env)
+    if arch != BERT:
+        names, why_fb = [], f"fastbert's own models are BERTs: for {arch} its layers run as hf-sdpa+optimize"
+        skipped["fastbert-ref"] = why_fb
     if why_fb:
         skipped["fastbert"] = why_fb
     else:
@@ -96,6 +123,9 @@ def inference_candidates(env: BenchEnv, *, allow_compile: bool = True, allow_hf:
             skipped["hf-sdpa+optimize"] = "no CUDA device: fastbert.optimize swaps in CUDA kernels"
         else:
             names.append("hf-sdpa+optimize")
+        attn_names, attn_skipped = hf_attention_candidates(env)
+        names += attn_names
+        skipped.update(attn_skipped)
         _, why_st = peers.sentence_transformers(env)
         if why_st:
             skipped[peers.SENTENCE_TRANSFORMERS] = why_st
@@ -141,24 +171,30 @@ def _sentence_transformer(hf_model: torch.nn.Module, env: BenchEnv) -> Any:
     return cls(str(folder), device=str(env.device)).to(env.dtype).eval()
 
 
-def _build(names: Sequence[str], cfg: BertConfig, env: BenchEnv, errors: dict[str, str]):
+def _hf_encoder(arch: str, cfg: BertConfig, attn: str) -> torch.nn.Module:
+    """transformers' encoder of `arch` at `cfg`'s size with attention implementation `attn`."""
+    if arch != BERT:
+        return hf_arch_model(arch, "base", cfg, attn)
+    from transformers import BertModel as HFBertModel
+
+    from .train_step import hf_config
+
+    try:
+        return HFBertModel._from_config(hf_config(cfg), attn_implementation=attn)
+    except (AttributeError, TypeError):  # an older transformers
+        hcfg = hf_config(cfg)
+        hcfg._attn_implementation = attn
+        return HFBertModel(hcfg)
+
+
+def _build(names: Sequence[str], cfg: BertConfig, env: BenchEnv, errors: dict[str, str], arch: str = BERT):
     """name → forward callable factory inputs: the models, sharing the baseline's weights where possible."""
     from ..models import BertModel  # the fused model users import (fastbert/models.py)
 
     models: dict[str, Any] = {}
     hf = None
     if any(n.startswith("hf") or n == peers.SENTENCE_TRANSFORMERS for n in names):
-        from transformers import BertModel as HFBertModel
-
-        from .train_step import hf_config
-
-        try:
-            hf = HFBertModel._from_config(hf_config(cfg), attn_implementation="sdpa")
-        except (AttributeError, TypeError):  # an older transformers
-            hcfg = hf_config(cfg)
-            hcfg._attn_implementation = "sdpa"
-            hf = HFBertModel(hcfg)
-        hf = hf.to(env.device, env.dtype).eval()
+        hf = _hf_encoder(arch, cfg, "sdpa").to(env.device, env.dtype).eval()
     for n in names:
         try:
             if n in ("fastbert", "fastbert-ref"):
@@ -172,6 +208,10 @@ def _build(names: Sequence[str], cfg: BertConfig, env: BenchEnv, errors: dict[st
                 models[n] = hf
             elif n == "hf-sdpa-compile":
                 models[n] = torch.compile(hf)
+            elif n in (HF_FLASH, HF_ATTN_FASTBERT):  # the baseline's weights under another attention implementation
+                m = _hf_encoder(arch, cfg, hf_attn(n))
+                m.load_state_dict(hf.state_dict())
+                models[n] = m.to(env.device, env.dtype).eval()
             elif n == "hf-sdpa+optimize":
                 from ..optimize import optimize
 
@@ -206,16 +246,18 @@ def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds
                         callables: dict[str, Callable[[], Any]] | None = None) -> list[Row]:
     """Every case's candidates interleaved; cases of one model share the models (built once). `callables`
     receives each working candidate's call of the last case (models kept alive), as in `run_op_case`."""
-    names, skipped = inference_candidates(env, allow_compile=allow_compile, allow_hf=allow_hf, only=only)
     rows: list[Row] = []
     dt = str(env.dtype).replace("torch.", "")
     by_model: dict[str, list[InferenceCase]] = {}
     for c in cases:
         by_model.setdefault(c.model, []).append(c)
-    for model_name, group in by_model.items():
-        cfg = BertConfig(**MODELS[model_name])
+    for group in by_model.values():
+        arch = group[0].arch
+        names, skipped = inference_candidates(env, allow_compile=allow_compile, allow_hf=allow_hf, only=only,
+                                              arch=arch)
+        cfg = BertConfig(**MODELS[group[0].size])
         errors: dict[str, str] = {}
-        models = _build(names, cfg, env, errors)
+        models = _build(names, cfg, env, errors, arch)
         for case in group:
             lengths = case.lengths()
             shape = (f"B={case.B} T={max(lengths)} L={cfg.num_hidden_layers} H={cfg.hidden_size} "

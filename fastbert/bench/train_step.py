@@ -1,6 +1,8 @@
 """The training-step family: a whole BertForPreTraining step (forward, backward, fused AdamW under bf16 autocast
 on CUDA; forward + backward in fp32 on a CPU), fastbert against transformers eager / SDPA / SDPA + compile /
-`optimize()`d SDPA, with seq/s, MFU and peak memory."""
+flash_attention_2 / attn_implementation="fastbert" / `optimize()`d SDPA, with seq/s, MFU and peak memory. Cases
+named "roberta-base/…", "xlm-roberta-base/…" run transformers' masked-LM model of that architecture instead (no
+fastbert model of their own: fastbert's layers run there as `hf-sdpa+optimize`)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,24 @@ from typing import Any
 import torch
 
 from ..config import PRESETS, BertConfig
-from .cases import IGNORE_INDEX, MLM_FRACTION, _compile_skip_reason, _fastbert_skip_reason, _gen, train_flops
+from .cases import (
+    BERT,
+    CPU_FAMILY_TRAIN,
+    CPU_FAMILY_TRAIN_QUICK,
+    GPU_FAMILY_TRAIN,
+    GPU_FAMILY_TRAIN_QUICK,
+    HF_ARCHS,
+    IGNORE_INDEX,
+    MLM_FRACTION,
+    _compile_skip_reason,
+    _fastbert_skip_reason,
+    _gen,
+    hf_arch_model,
+    hf_attention_candidates,
+    hf_attn,
+    split_model,
+    train_flops,
+)
 from .results import Row, finish_rows
 from .timing import BenchEnv, _short_error, extra_bytes, first_call_s, free_memory, interleaved_ms
 
@@ -25,24 +44,39 @@ class TrainCase:
     T: int
     B: int
     padded: bool = False
+    arch: str = BERT  # or a key of cases.HF_ARCHS: transformers' model of that architecture
 
     @property
     def label(self) -> str:
-        return f"train {self.size}/{self.T}/{self.B}{' padded' if self.padded else ''}"
+        model = self.size if self.arch == BERT else f"{self.arch}-{self.size}"
+        return f"train {model}/{self.T}/{self.B}{' padded' if self.padded else ''}"
 
     @classmethod
     def parse(cls, spec: str) -> TrainCase:
-        """"base/128/256" or "base/128/256/padded"."""
+        """"base/128/256", "base/128/256/padded" or "roberta-base/128/256/padded"."""
         parts = spec.strip().split("/")
-        if len(parts) not in (3, 4) or parts[0] not in PRESETS or (len(parts) == 4 and parts[3] != "padded"):
-            raise ValueError(f"train case must look like base/128/256[/padded] with a preset from "
-                             f"{sorted(PRESETS)}, got {spec!r}")
-        return cls(parts[0], int(parts[1]), int(parts[2]), len(parts) == 4)
+        arch, size = split_model(parts[0])
+        if len(parts) not in (3, 4) or size not in PRESETS or (len(parts) == 4 and parts[3] != "padded"):
+            raise ValueError(f"train case must look like [ARCH-]base/128/256[/padded] with a preset from "
+                             f"{sorted(PRESETS)} and ARCH from {sorted(HF_ARCHS)}, got {spec!r}")
+        return cls(size, int(parts[1]), int(parts[2]), len(parts) == 4, arch)
 
 
-def make_batch(cfg: BertConfig, B: int, T: int, padded: bool, device: torch.device, seed: int = 0):
+def family_train_cases(cuda: bool, quick: bool, sizes: Sequence[str] | None = None) -> list[TrainCase]:
+    """The BERT-family cases (RoBERTa, XLM-R) a run measures besides BERT's on a GPU or a CPU (presets in `sizes`)."""
+    if cuda:
+        specs = GPU_FAMILY_TRAIN_QUICK if quick else GPU_FAMILY_TRAIN
+    else:
+        specs = CPU_FAMILY_TRAIN_QUICK if quick else CPU_FAMILY_TRAIN
+    cases = [TrainCase.parse(s) for s in specs]
+    return [c for c in cases if not sizes or c.size in sizes]
+
+
+def make_batch(cfg: BertConfig, B: int, T: int, padded: bool, device: torch.device, seed: int = 0,
+               arch: str = BERT):
     """A pretraining batch: random token ids, segments A/B, 15% of the real tokens (not position 0)
-    labelled, random NSP labels; padded → lengths uniform in T/2..T."""
+    labelled, random NSP labels; padded → lengths uniform in T/2..T. Another architecture than BERT: masked-LM
+    inputs only (no segments, no NSP; its padding id)."""
     g = _gen(device, seed)
     lengths = (torch.randint(T // 2, T + 1, (B,), generator=g, device=device) if padded
                else torch.full((B,), T, device=device))
@@ -53,6 +87,9 @@ def make_batch(cfg: BertConfig, B: int, T: int, padded: bool, device: torch.devi
     chosen = (torch.rand((B, T), generator=g, device=device) < MLM_FRACTION) & mask & (pos > 0)
     labels = ids.masked_fill(~chosen, IGNORE_INDEX)
     nsp = torch.randint(0, 2, (B,), generator=g, device=device)
+    if arch != BERT:
+        ids = ids.masked_fill(~mask, HF_ARCHS[arch].pad_token_id)
+        return dict(input_ids=ids, attention_mask=mask.long(), labels=labels), lengths.tolist()
     return dict(input_ids=ids, attention_mask=mask.long(), token_type_ids=segment, labels=labels,
                 next_sentence_label=nsp), lengths.tolist()
 
@@ -82,11 +119,14 @@ def hf_pretraining_model(cfg: BertConfig, attn: str) -> torch.nn.Module:
 
 
 def train_candidates(env: BenchEnv, *, allow_compile: bool = True, allow_hf: bool = True,
-                     only: Sequence[str] | None = None) -> tuple[list[str], dict[str, str]]:
+                     only: Sequence[str] | None = None, arch: str = BERT) -> tuple[list[str], dict[str, str]]:
     """Candidate names that can run here, and the skipped ones with their reason."""
     skipped: dict[str, str] = {}
     names: list[str] = []
-    if env.cuda:
+    if arch != BERT:
+        why = f"fastbert's own models are BERTs: for {arch} its layers run as hf-sdpa+optimize"
+        skipped.update({"fastbert": why, "fastbert-ref": why})
+    elif env.cuda:
         names += ["fastbert", "fastbert-ref"]
     else:
         skipped["fastbert"] = "no CUDA device: the fused model is the reference model on a CPU (see fastbert-ref)"
@@ -115,6 +155,9 @@ def train_candidates(env: BenchEnv, *, allow_compile: bool = True, allow_hf: boo
             skipped["hf-sdpa+optimize"] = "no CUDA device: fastbert.optimize swaps in CUDA kernels"
         else:
             names.append("hf-sdpa+optimize")
+        attn_names, attn_skipped = hf_attention_candidates(env)
+        names += attn_names
+        skipped.update(attn_skipped)
     if _fastbert_skip_reason(env) and "fastbert" in names:
         names.remove("fastbert")
         skipped["fastbert"] = _fastbert_skip_reason(env)
@@ -153,13 +196,14 @@ class _Trainer:
         return n
 
 
-def _build_trainer(name: str, cfg: BertConfig, env: BenchEnv, with_optimizer: bool) -> _Trainer:
+def _build_trainer(name: str, cfg: BertConfig, env: BenchEnv, with_optimizer: bool, arch: str = BERT) -> _Trainer:
     if name in ("fastbert", "fastbert-ref"):
         from ..models import BertForPreTraining  # the fused model users import
 
         model = BertForPreTraining(cfg if name == "fastbert" else cfg.with_fusions(False))
     else:
-        model = hf_pretraining_model(cfg, "eager" if name == "hf-eager" else "sdpa")
+        model = (hf_pretraining_model(cfg, hf_attn(name)) if arch == BERT
+                 else hf_arch_model(arch, "pretraining", cfg, hf_attn(name)))
         if name == "hf-sdpa+optimize":
             model = _optimize_fn()(model) or model
     model = model.to(env.device).train()
@@ -194,24 +238,26 @@ def run_train_cases(cases: Sequence[TrainCase], env: BenchEnv, *, rounds: int = 
                     cpu_reps: int = 3, allow_compile: bool = True, allow_hf: bool = True,
                     only: Sequence[str] | None = None, with_optimizer: bool | None = None,
                     callables: dict[str, Callable[[], Any]] | None = None) -> list[Row]:
-    """Training steps of each case; cases sharing a (size, T, B) share their models (so a compiled model
+    """Training steps of each case; cases sharing an (arch, size, T, B) share their models (so a compiled model
     is compiled once for the full and the padded batch). GPU: forward + backward + fused AdamW, bf16
     autocast. CPU: forward + backward in fp32 (no optimizer), as the issue asks. `callables` receives the
     step of each working candidate of the last case (models kept alive), as in `run_op_case`."""
     with_optimizer = env.cuda if with_optimizer is None else with_optimizer
     mode = "step" if with_optimizer else "fwd+bwd"
-    names, skipped = train_candidates(env, allow_compile=allow_compile, allow_hf=allow_hf, only=only)
     rows: list[Row] = []
-    groups: dict[tuple[str, int, int], list[TrainCase]] = {}
+    groups: dict[tuple[str, str, int, int], list[TrainCase]] = {}
     for c in cases:
-        groups.setdefault((c.size, c.T, c.B), []).append(c)
-    for (size, T, B), group in groups.items():
+        groups.setdefault((c.arch, c.size, c.T, c.B), []).append(c)
+    for (arch, size, T, B), group in groups.items():
+        names, skipped = train_candidates(env, allow_compile=allow_compile, allow_hf=allow_hf, only=only, arch=arch)
         cfg = BertConfig.from_preset(size)
+        if arch != BERT:  # its vocabulary, for the MLM head's FLOPs
+            cfg = cfg.replace(vocab_size=HF_ARCHS[arch].vocab_size)
         trainers: dict[str, _Trainer] = {}
         errors: dict[str, str] = {}
         for n in names:
             try:
-                trainers[n] = _build_trainer(n, cfg, env, with_optimizer)
+                trainers[n] = _build_trainer(n, cfg, env, with_optimizer, arch)
             except Exception as e:
                 errors[n] = f"build: {_short_error(e)}"
         for case in sorted(group, key=lambda c: c.padded):
@@ -224,7 +270,7 @@ def run_train_cases(cases: Sequence[TrainCase], env: BenchEnv, *, rounds: int = 
 
             for n, why in skipped.items():
                 rows.append(row(n, "-", note=f"skipped: {why}"))
-            batch, lengths = make_batch(cfg, B, T, case.padded, env.device)
+            batch, lengths = make_batch(cfg, B, T, case.padded, env.device, arch=arch)
             flops = train_flops(cfg, lengths)
             steps: dict[str, Callable[[], torch.Tensor]] = {}
             warm: dict[str, float] = {}
