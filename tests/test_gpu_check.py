@@ -7,7 +7,6 @@ by the pool is a cache hit for the launcher's own call (through a stand-in drive
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import signal
@@ -19,20 +18,14 @@ from pathlib import Path
 
 from fastbert.bench import CSV_FILES
 from fastbert.bench.precompile import CompiledConfig, load_ranking, rank_configs
+from tests.test_bench_peers import _load
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
 
 def _gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod  # its dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules["gpu_check"]
-    return mod
+    return _load("gpu_check")
 
 
 def _child_env(**extra: str) -> dict[str, str]:

@@ -166,7 +166,11 @@ def narrow_autotuning(top: int, ranking: str | os.PathLike | None = None) -> lis
     kernels narrowed. Idempotent (a second call replaces the first's cut)."""
     if top < 1:
         raise ValueError(f"{TOP_ENV} must be a positive integer, got {top}")
-    table = load_ranking(ranking or os.environ.get(RANKING_ENV) or RANKING_CSV)
+    path = Path(ranking or os.environ.get(RANKING_ENV) or RANKING_CSV)
+    if not path.is_file():
+        raise FileNotFoundError(f"{TOP_ENV}: no compile-time data at {path} to rank the configs by (write it with "
+                                f"`python -m kernels.aot_check --csv {path}`, or point {RANKING_ENV} at one)")
+    table = load_ranking(path)
     narrowed = []
     for name, tuner in _autotuners():
         original = getattr(tuner.early_config_prune, "_fastbert_original", tuner.early_config_prune)
