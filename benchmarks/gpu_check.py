@@ -63,6 +63,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 CSV_NAMES = ("attention.csv", "kernels.csv", "train_step.csv", "inference.csv")
 OUT_FILES = ("gpu_check.log", "tests.log", "summary.json", *CSV_NAMES)  # all that is written under $OUT
 MAX_OUT_FILES, MAX_OUT_BYTES = 8, 16 * 2**20  # what the device tool brings back
+FAMILIES = ("kernels", "attention", "train", "inference")  # fastbert.bench's --family values
 
 # The budget: the device tool runs one command for at most 600 s (a window is ~15 minutes of device time, the
 # machine's start included); 60 s of it stay for Python's start, the wheels, the last stage's grace and the summary.
@@ -74,7 +75,8 @@ MIN_LIMIT_S = 20.0  # the smallest stage limit a scaled-down budget gives
 
 PY = sys.executable
 BENCH = [PY, "-m", "fastbert.bench", "--rounds", "3", "--progress"]
-PYTEST = [PY, "-m", "pytest", "-v", "-rA", "--tb=short", "-p", "no:cacheprovider", "-p", "tests.precompile_plugin"]
+PYTEST_PLUGINS = ["-p", "no:cacheprovider", "-p", "tests.precompile_plugin"]  # the plugin: narrowing, recording
+PYTEST = [PY, "-m", "pytest", "-v", "-rA", "--tb=short", *PYTEST_PLUGINS]
 # The correctness pass: kernel tests first (one op per file; the gaps file has bf16 varlen, fp16, deterministic and
 # packed-QKV attention and the bf16 model with dropout), the compile-heavy GEMM tests last; then every other
 # GPU-marked test (pytest collects a path named twice once). The inductor tests compile for minutes: later stage.
@@ -120,7 +122,7 @@ STAGES = [
     Stage("compile", "compile", [], 70, 45, "record every Triton compile of the planned stages, compile them on all "
           "cores into the run's TRITON_CACHE_DIR"),
     Stage("ceilings", "bench", ["--ceilings-only"], 25, 8, "bf16 matmul TFLOP/s and copy GB/s of this card"),
-    Stage("tests-gpu", "pytest", ["-m", "gpu", "-k", "not inductor", *FIRST_TESTS, "--durations=10"], 80, 40,
+    Stage("tests-gpu", "pytest", ["-m", "gpu", "-k", "not inductor", *FIRST_TESTS, "--durations=10"], 80, 60,
           "correctness pass: GPU kernel tests in bf16/fp16 against the references, then the model tests"),
     Stage("train-base128", "bench", ["--family", "train", *BASE128, "--candidates", "fastbert", "hf-sdpa"], 80, 28,
           "training step base/128/256 full and padded: fastbert vs transformers SDPA"),
@@ -337,13 +339,20 @@ def compile_argv(planned: list[Stage], cuda: bool, quick: bool, top: int | None,
     argv = [PY, "-m", "fastbert.bench.precompile", "--jobs", str(os.cpu_count() or 1)]
     if not cuda:
         return argv + ["--aot"] + (["--top", str(top)] if top else []) + (["--limit", "6"] if quick else [])
+    sys.path.insert(0, str(ROOT))
+    from fastbert.bench.cli import runs_triton
+
     argv += ["--record-dir", str(tmp / "record"), "--record-timeout", f"{0.6 * limit_s:.0f}"]
+    seen = set()
     for s in planned:
         if s.kind == "bench" and s.name != "ceilings":
-            cmd = BENCH + s.args + ["--csv-dir", ""] + (["--quick"] if quick else [])
-            argv += ["--record", json.dumps(cmd)]
+            # one recorder per distinct Triton work: train-compile's fastbert is train-base128's
+            key = tuple(a for a in s.args if a.startswith("-") or "/" in a or a in FAMILIES or runs_triton(a))
+            if key not in seen:
+                seen.add(key)
+                argv += ["--record", json.dumps(BENCH + s.args + ["--csv-dir", ""] + (["--quick"] if quick else []))]
         elif s.name == "tests-gpu":
-            argv += ["--record", json.dumps([*PYTEST[:3], "-q", "--tb=no", *PYTEST[6:], *s.args])]
+            argv += ["--record", json.dumps([PY, "-m", "pytest", "-q", "--tb=no", *PYTEST_PLUGINS, *s.args])]
     return argv
 
 
@@ -663,8 +672,8 @@ def dry_run(stages: list[Stage], budget_s: float, site: Path | None, log, collec
     if not collect:
         log("pytest collection skipped (--no-collect)")
     else:
-        proc = subprocess.run([*PYTEST[:3], "--collect-only", "-q", "-m", "gpu", *PYTEST[6:], "tests"], cwd=ROOT,
-                              env=stage_env(site), capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([PY, "-m", "pytest", "--collect-only", "-q", "-m", "gpu", *PYTEST_PLUGINS, "tests"],
+                              cwd=ROOT, env=stage_env(site), capture_output=True, text=True, timeout=300)
         tail = [ln for ln in proc.stdout.splitlines() if ln.strip()][-1:] or ["(no output)"]
         log(f"pytest --collect-only -m gpu tests: exit {proc.returncode}: {tail[0]}")
         if proc.returncode:

@@ -133,7 +133,7 @@ def test_a_killed_check_leaves_no_stage_running_and_keeps_what_was_written(tmp_p
 # ---------------------------------------------------------------------------------------------- the plan
 
 
-def test_the_plan_fits_the_window_and_the_device_tools_limits():
+def test_the_plan_fits_the_window_and_the_device_tools_limits(tmp_path):
     gc = _gpu_check()
     stages = gc.STAGES
     assert gc.guaranteed_s(stages) + gc.END_RESERVE_S <= gc.DEFAULT_BUDGET_S <= 600 - 60
@@ -150,6 +150,12 @@ def test_the_plan_fits_the_window_and_the_device_tools_limits():
     small = gc.scaled(stages, 240)
     assert all(s.limit_s >= min(gc.MIN_LIMIT_S, b.limit_s) for s, b in zip(small, stages, strict=True))
     assert sum(s.limit_s for s in small if not s.optional and not s.cuda_only) + gc.END_RESERVE_S <= 240
+    # the compile stage records every benchmark stage once per distinct Triton work, and the correctness pass
+    argv = gc.compile_argv(stages, True, False, 3, tmp_path, 70)
+    recorded = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "--record"]
+    benches = [s for s in stages if s.kind == "bench" and s.name != "ceilings"]
+    assert len(recorded) == len(benches) and sum("pytest" in r for r in recorded) == 1  # train-compile = base128
+    assert argv[argv.index("--record-timeout") + 1] == "42"
     assert gc.cpu_args(["--family", "train", "--train-cases", "base/128/256", "base/128/256/padded", "--candidates",
                         "fastbert", "hf-sdpa"]) == ["--family", "train", "--train-cases", "tiny/32/4",
                                                     "tiny/32/4/padded", "--candidates", "fastbert-ref", "fastbert",
