@@ -158,44 +158,48 @@ def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
     """Run every case of the plan; `on_rows` gets rows as soon as a family reports them (`report_rows`: a case's
     skipped candidates, each mode of a kernel or attention case, each training or inference case), so a run killed
     at its time limit keeps every row measured before."""
+    with row_sink(on_rows) if on_rows is not None else contextlib.nullcontext():
+        return _run_families(env, plan, log)
+
+
+def _run_families(env: BenchEnv, plan: Plan, log: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
     shapes = op_shapes(env, plan)
     rep_ms = 50.0 if plan.quick else 100.0
     cpu_reps = 3 if plan.quick else 5
-    with row_sink(on_rows) if on_rows is not None else contextlib.nullcontext():
-        if "attention" in plan.families:
-            for size, T, B in shapes:
-                cfg = BertConfig.from_preset(size)
-                case = attention_case(env, size, B, T, cfg.num_attention_heads, cfg.head_dim,
-                                      allow_compile=plan.allow_compile)
+    if "attention" in plan.families:
+        for size, T, B in shapes:
+            cfg = BertConfig.from_preset(size)
+            case = attention_case(env, size, B, T, cfg.num_attention_heads, cfg.head_dim,
+                                  allow_compile=plan.allow_compile)
+            log(f"  measuring {case.label} ...")
+            rows += run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
+                                cpu_reps=cpu_reps, only=plan.candidates)
+    if "kernels" in plan.families:
+        for size, T, B in shapes:
+            for case in kernel_cases(env, size, B, T, allow_compile=plan.allow_compile, ops=plan.kernel_ops):
                 log(f"  measuring {case.label} ...")
                 rows += run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
                                     cpu_reps=cpu_reps, only=plan.candidates)
-        if "kernels" in plan.families:
-            for size, T, B in shapes:
-                for case in kernel_cases(env, size, B, T, allow_compile=plan.allow_compile, ops=plan.kernel_ops):
-                    log(f"  measuring {case.label} ...")
-                    rows += run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
-                                        cpu_reps=cpu_reps, only=plan.candidates)
-        if "train" in plan.families:
-            cases = list(plan.train_cases) if plan.train_cases else default_train_cases(env, plan)
-            groups: dict[tuple[str, int, int], list[TrainCase]] = {}
-            for c in cases:
-                groups.setdefault((c.size, c.T, c.B), []).append(c)
-            for group in groups.values():  # one group = one set of models, full and padded batch
-                log(f"  measuring {', '.join(c.label for c in group)} ...")
-                rows += run_train_cases(group, env, rounds=plan.rounds, rep_ms=3 * rep_ms, cpu_reps=cpu_reps,
+    if "train" in plan.families:
+        cases = list(plan.train_cases) if plan.train_cases else default_train_cases(env, plan)
+        groups: dict[tuple[str, int, int], list[TrainCase]] = {}
+        for c in cases:
+            groups.setdefault((c.size, c.T, c.B), []).append(c)
+        for group in groups.values():  # one group = one set of models, full and padded batch
+            log(f"  measuring {', '.join(c.label for c in group)} ...")
+            rows += run_train_cases(group, env, rounds=plan.rounds, rep_ms=3 * rep_ms, cpu_reps=cpu_reps,
+                                    allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                    only=plan.candidates)
+    if "inference" in plan.families:
+        by_model: dict[str, list[InferenceCase]] = {}
+        for c in default_inference_cases(env, plan):
+            by_model.setdefault(c.model, []).append(c)
+        for group in by_model.values():  # one group = one set of models; rows kept as each case finishes
+            log(f"  measuring {', '.join(c.label for c in group)} ...")
+            rows += run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
                                         allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                         only=plan.candidates)
-        if "inference" in plan.families:
-            by_model: dict[str, list[InferenceCase]] = {}
-            for c in default_inference_cases(env, plan):
-                by_model.setdefault(c.model, []).append(c)
-            for group in by_model.values():  # one group = one set of models
-                log(f"  measuring {', '.join(c.label for c in group)} ...")
-                rows += run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
-                                            allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                            only=plan.candidates)
     return rows
 
 
