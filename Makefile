@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fastbert-installed
 
-.PHONY: setup pretrain demo-transfer test lint bench gpu-check gpu-wheels clean
+.PHONY: setup pretrain demo-transfer test lint bench gpu-check gpu-rehearse gpu-commit gpu-wheels clean
 
 setup: $(STAMP)
 
@@ -43,14 +43,26 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m fastbert.bench
 
-# The single call a session with a lent GPU makes (see GPU.md in the design notes and benchmarks/README.md).
+# The single call a session with a lent GPU makes (see benchmarks/README.md); the GPU machine may have no make:
+# the call is the command below, with the image's python3.
 gpu-check:
-	PYTHONPATH=. python benchmarks/gpu_check.py
+	PYTHONPATH=. python3 benchmarks/gpu_check.py
+
+# Its rehearsal on this CPU: every stage's machinery on tiny shapes, no GPU figure, into runs/gpu-rehearsal/.
+gpu-rehearse: $(STAMP)
+	OUT=runs/gpu-rehearsal $(PY) benchmarks/gpu_check.py --allow-cpu --quick --budget-s 240
+
+# The commit, into .gpu-wheels/COMMIT: the GPU machine may get the working tree without .git.
+gpu-commit:
+	mkdir -p .gpu-wheels
+	sha=$$(git rev-parse --short HEAD) && \
+	    if [ -n "$$(git status --porcelain --untracked-files=no)" ]; then sha="$$sha+dirty"; fi && \
+	    echo "$$sha" > .gpu-wheels/COMMIT
 
 # Pure-Python wheels the GPU check needs beyond the GPU image (torch, triton, transformers are there), for
-# Python 3.12, into the ignored .gpu-wheels/: carry that folder with the working tree to the GPU machine.
+# Python 3.12, and the commit, into the ignored .gpu-wheels/: carry that folder with the working tree.
 GPU_WHEELS := liger-kernel==0.8.5
-gpu-wheels:
+gpu-wheels: gpu-commit
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux2014_x86_64 --platform any -d .gpu-wheels $(GPU_WHEELS)
 

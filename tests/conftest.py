@@ -53,6 +53,7 @@ KERNEL_MODULE = {
     "test_qkv_projection.py": "kernels.matmul",
     "test_matmul_autotune.py": "kernels.matmul",
     "test_matmul_tma.py": "kernels.matmul",
+    "test_gpu_gaps.py": "kernels.attention",  # every test of it runs attention (the model test and the QKV chain too)
 }
 # Tests in files other owners maintain that launch no kernel by design, with the marker they should carry
 # (prefer the decorator in the test file itself; this table only avoids editing those files).

@@ -172,19 +172,17 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     _tiny_wheel(tmp_path / "wheels")
-    assert gpu_check.main(["--dry-run", "--wheels", str(tmp_path / "wheels")]) == 0
+    # --no-collect: the suite itself collects every test module; the dry run still checks the test paths and -k
+    assert gpu_check.main(["--dry-run", "--no-collect", "--wheels", str(tmp_path / "wheels")]) == 0
     out = capsys.readouterr().out
     assert "wheels: ok (fastbert_wheel_probe-0.1-py3-none-any.whl)" in out
     for stage in gpu_check.STAGES:
         assert f"== {stage.name}: " in out, stage.name
     assert "0 failed" in out and "FAILED" not in out
     assert "python -m fastbert.bench in a child process: exit 0" in out
-    assert out.count("pytest --collect-only: exit 0") == 2
+    assert "pytest collection skipped" in out and "no such test path" not in out
+    assert "guaranteed stage limits add up to 485 s" in out
     assert not (tmp_path / "out" / "summary.json").exists()  # a dry run measures and writes nothing there
-    # The stages fit the 9-minute budget's order: the headline ones first, the "if time is left" ones last.
-    names = [s.name for s in gpu_check.STAGES]
-    assert names[:7] == ["ceilings", "attention", "tests-gpu", "kernels-base", "train-base128", "train-base512",
-                         "inference"]
 
 
 def test_gpu_check_peer_lines_read_the_rows():

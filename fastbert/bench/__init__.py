@@ -10,6 +10,7 @@ This package holds every piece of measuring code (the pytest-benchmark suite in 
     results.py       the CSV layout, speed-ups against the baseline and the best peer, the printed tables
     cases.py         shapes, FLOP formulas, `OpCase`, and `run_op_case` (the attention and kernel families)
     peers.py         the peer candidates: where each comes from and why it is skipped when it cannot run
+    precompile.py    Triton ahead of the timing: record a run's compiles, compile them on all cores, narrow autotuning
     attention.py     the attention family
     kernel_cases.py  the encoder's other kernels
     train_step.py    the training-step family
@@ -30,7 +31,8 @@ How it measures:
 - peak memory: ``torch.cuda.max_memory_allocated`` after a reset, for one call made alone; reported as
   ``extra_GB`` (what the call allocates on top of what was resident) and ``peak_GB`` (its own inputs or
   model + optimizer state, plus that extra) so candidates held at the same time do not count each other.
-- CSV rows (one file per family, header written once) with GPU name, versions, dtype, shape, commit, time.
+- CSV rows (one file per family, header written once) with GPU name, versions, dtype, shape, commit, time, each
+  group written as soon as it is measured: families hand their rows to ``report_rows`` (``row_sink`` receives them).
   The ratio to the best peer (``x peer``) is derived from the rows of the same run: in the tables and the
   JSON, not a CSV column (the layout is fixed).
 
@@ -84,6 +86,8 @@ from .results import (
     best_peers,
     finish_rows,
     format_table,
+    report_rows,
+    row_sink,
     write_csvs,
 )
 from .timing import (
@@ -111,7 +115,7 @@ __all__ = [
     "default_inference_cases", "default_train_cases", "describe_plan", "extra_bytes", "finish_rows",
     "first_call_s", "format_table", "free_memory", "git_commit", "gpu_only_cases", "hf_config",
     "hf_pretraining_model", "inference_candidates", "interleaved_ms", "interpreter_on", "is_peer", "kernel_cases",
-    "load_or_measure_ceilings", "main", "make_batch", "make_env", "measure_ceilings", "op_shapes",
-    "run_inference_cases", "run_op_case", "run_plan", "run_train_cases", "sync", "time_ms", "train_candidates",
-    "train_flops", "versions", "write_csvs",
+    "load_or_measure_ceilings", "main", "make_batch", "make_env", "measure_ceilings", "op_shapes", "report_rows",
+    "row_sink", "run_inference_cases", "run_op_case", "run_plan", "run_train_cases", "sync", "time_ms",
+    "train_candidates", "train_flops", "versions", "write_csvs",
 ]

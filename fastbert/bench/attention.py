@@ -1,6 +1,6 @@
 """The attention family: q, k, v [B, T, h, d] with random key padding (lengths T/2..T) and dropout, forward and
 backward, fastbert's fused kernels (padded and varlen) against eager, SDPA with the mask, torch.compile and the
-peers (SDPA's flash backend, FlashAttention-2's varlen kernel)."""
+peers (SDPA's flash backend, its cuDNN backend with the mask, FlashAttention-2's varlen kernel)."""
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ VARLEN = ("fastbert-varlen", DETERMINISTIC, peers.SDPA_FLASH_VARLEN, peers.FLASH
 
 def _add_peers(env: BenchEnv, cands: dict[str, Fn], skipped: dict[str, str], scale: float, *, have_unpad: bool,
                why_pad: str) -> dict[str, str]:
-    """sdpa-flash (padded batch, no mask), sdpa-flash-varlen (jagged nested tensor), flash-attn-varlen."""
+    """sdpa-flash (padded batch, no mask), sdpa-cudnn (padded batch, with the mask), sdpa-flash-varlen (jagged
+    nested tensor), flash-attn-varlen."""
     notes = {peers.SDPA_FLASH: "no key mask: attends over the padding too (the FA2 anchor on the padded work)"}
     flash, why = peers.sdpa_flash(env)
     if why:
@@ -60,6 +61,14 @@ def _add_peers(env: BenchEnv, cands: dict[str, Fn], skipped: dict[str, str], sca
                                                      i["v"].transpose(1, 2), dropout_p=p, scale=scale)
             return (out.transpose(1, 2),)  # (B, T, h, d)
         cands[peers.SDPA_FLASH] = sdpa_flash
+    cudnn, why_cudnn = peers.sdpa_cudnn(env)
+    if why_cudnn:
+        skipped[peers.SDPA_CUDNN] = why_cudnn
+    else:
+        def sdpa_cudnn(i, p):
+            with cudnn():
+                return (attention_sdpa(i["q"], i["k"], i["v"], i["mask"], p, scale),)
+        cands[peers.SDPA_CUDNN] = sdpa_cudnn
     jagged, why_nt = peers.nested_jagged(env)
     why_nt = why or why_nt or ("" if have_unpad else why_pad)
     if why_nt:
@@ -124,7 +133,8 @@ def attention_case(env: BenchEnv, size: str, B: int, T: int, h: int, d: int, *, 
         mask = _padding_mask(B, T, dev, g)
         q, k, v = (_randn((B, T, h, d), dtype, dev, g) for _ in range(3))
         inp: dict[str, Any] = dict(q=q, k=k, v=v, mask=mask)
-        leaves = {name: [q, k, v] for name in ("eager", "sdpa", "compile", "fastbert", peers.SDPA_FLASH)}
+        leaves = {name: [q, k, v] for name in ("eager", "sdpa", "compile", "fastbert", peers.SDPA_FLASH,
+                                                 peers.SDPA_CUDNN)}
         if padding is not None:
             unpad = padding[0]
             qp, idx, cu, max_s = unpad(q.detach(), mask)  # (total, h, d)

@@ -15,7 +15,7 @@ import torch
 
 from ..config import BertConfig
 from ..flops import train_flops_per_token
-from .results import Row, finish_rows
+from .results import Row, report_rows
 from .timing import BenchEnv, _short_error, extra_bytes, free_memory, interleaved_ms, interpreter_on, sync
 
 IGNORE_INDEX = -100
@@ -152,11 +152,11 @@ def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, ro
     for name, why in case.fwd_only.items():
         if name in names and backward_modes:
             rows.append(row(name, "-", note=f"skipped {', '.join(backward_modes)}: forward only ({why})"))
+    report_rows(rows, env, case.baseline)
     try:
         inp = case.make()
     except Exception as e:
-        rows.append(row("-", "-", note=f"error making inputs: {_short_error(e)}"))
-        return rows
+        return rows + report_rows([row("-", "-", note=f"error making inputs: {_short_error(e)}")], env, case.baseline)
     leaves = inp["leaves"]
     fwd = {n: (lambda n=n: case.candidates[n](inp, case.dropout_p)) for n in names}
     grads: dict[str, list[torch.Tensor]] = {}
@@ -214,9 +214,10 @@ def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, ro
         mode_err: dict[str, str] = {}
         ms = interleaved_ms(fns, dev, rounds=rounds, rep_ms=rep_ms, cpu_reps=cpu_reps,
                             grad_to_none={n: leaves[n] for n in fns}, errors=mode_err)
+        mode_rows: list[Row] = []
         for n in mode_live:
             if n in mode_err or n not in ms:
-                rows.append(row(n, mode, note=f"error: {mode_err.get(n, errors.get(n, 'not measured'))}"))
+                mode_rows.append(row(n, mode, note=f"error: {mode_err.get(n, errors.get(n, 'not measured'))}"))
                 continue
             r = row(n, mode, ms=ms[n], warm_s=warm.get(n), parity=parity.get(n, ""))
             if case.flops is not None:
@@ -236,15 +237,16 @@ def run_op_case(case: OpCase, env: BenchEnv, *, modes: Sequence[str] = MODES, ro
                 r.note = "CPU: the public function runs its plain-PyTorch reference path"
             elif n in case.notes:
                 r.note = case.notes[n]
-            rows.append(r)
+            mode_rows.append(r)
+        rows += report_rows(mode_rows, env, case.baseline)  # this mode's rows land now, before the next mode
         del fns
-    for n, e in errors.items():
-        if not any(r.candidate == n and r.note.startswith("error") for r in rows):
-            rows.append(row(n, "-", note=f"error: {e}"))
+    error_rows = [row(n, "-", note=f"error: {e}") for n, e in errors.items()
+                  if not any(r.candidate == n and r.note.startswith("error") for r in rows)]
+    rows += report_rows(error_rows, env, case.baseline)
     if callables is not None:
         callables.update({n: (lambda n=n: fwd_bwd(n)) for n in live if n not in errors and n not in case.fwd_only})
     free_memory(dev)
-    return finish_rows(rows, env, case.baseline)
+    return rows
 
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .._atomic import write_text_atomic
 from ..config import PRESETS, BertConfig
 from .attention import attention_case
 from .cases import (
@@ -31,7 +34,8 @@ from .inference import (
     run_inference_cases,
 )
 from .kernel_cases import KERNEL_OPS, kernel_cases
-from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, write_csvs
+from .peers import LIGER
+from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, row_sink, write_csvs
 from .timing import BenchEnv, git_commit, load_or_measure_ceilings, make_env, versions
 from .train_step import TrainCase, family_train_cases, run_train_cases, train_candidates
 
@@ -94,7 +98,7 @@ def gpu_only_cases(plan: Plan) -> list[str]:
     out = []
     if "attention" in plan.families:
         out.append(f"attention bf16 fwd/bwd/fwd+bwd at {txt} (eager, SDPA, compile, fused padded and varlen, "
-                   "peers sdpa-flash, sdpa-flash-varlen, flash-attn-varlen)")
+                   "peers sdpa-flash, sdpa-cudnn, sdpa-flash-varlen, flash-attn-varlen)")
     if "kernels" in plan.families:
         out.append(f"kernels bf16 at {txt} tokens (fused vs eager vs torch.compile, peers liger and cublaslt)")
     if "train" in plan.families:
@@ -107,14 +111,17 @@ def gpu_only_cases(plan: Plan) -> list[str]:
     return out
 
 
-def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
+def describe_plan(env: BenchEnv, plan: Plan, runnable: set[str] | None = None) -> list[str]:
     """The cases and candidates a run of `plan` on `env` would measure, and the skipped ones with their reason,
-    without making a tensor (the dry run: every case builder runs, so every import and argument is checked)."""
+    without making a tensor (the dry run: every case builder runs, so every import and argument is checked).
+    `runnable`, when given, receives the names of the candidates that would run."""
     lines: list[str] = []
     known: set[str] = set()
 
     def add(label: str, names: Sequence[str], skipped: dict[str, str]) -> None:
         known.update(names, skipped)
+        if runnable is not None:
+            runnable.update(names)
         lines.append(f"  {label}: {', '.join(names) or '-'}")
         lines.extend(f"    skipped {n}: {why}" for n, why in skipped.items())
 
@@ -153,15 +160,15 @@ def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
 
 def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
              on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
-    """Run every case of the plan; `on_rows` gets each case's rows as soon as they exist (so a run killed
-    at its time limit keeps the cases it finished)."""
+    """Run every case of the plan; `on_rows` gets rows as soon as a family reports them (`report_rows`: a case's
+    skipped candidates, each mode of a kernel or attention case, each training or inference case), so a run killed
+    at its time limit keeps every row measured before."""
+    with row_sink(on_rows) if on_rows is not None else contextlib.nullcontext():
+        return _run_families(env, plan, log)
+
+
+def _run_families(env: BenchEnv, plan: Plan, log: Callable[[str], None]) -> list[Row]:
     rows: list[Row] = []
-
-    def done(new: list[Row]) -> list[Row]:
-        if on_rows is not None:
-            on_rows(new)
-        return new
-
     shapes = op_shapes(env, plan)
     rep_ms = 50.0 if plan.quick else 100.0
     cpu_reps = 3 if plan.quick else 5
@@ -171,14 +178,14 @@ def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
             case = attention_case(env, size, B, T, cfg.num_attention_heads, cfg.head_dim,
                                   allow_compile=plan.allow_compile)
             log(f"  measuring {case.label} ...")
-            rows += done(run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
-                                     cpu_reps=cpu_reps, only=plan.candidates))
+            rows += run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
+                                cpu_reps=cpu_reps, only=plan.candidates)
     if "kernels" in plan.families:
         for size, T, B in shapes:
             for case in kernel_cases(env, size, B, T, allow_compile=plan.allow_compile, ops=plan.kernel_ops):
                 log(f"  measuring {case.label} ...")
-                rows += done(run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
-                                         cpu_reps=cpu_reps, only=plan.candidates))
+                rows += run_op_case(case, env, modes=plan.modes, rounds=plan.rounds, rep_ms=rep_ms,
+                                    cpu_reps=cpu_reps, only=plan.candidates)
     if "train" in plan.families:
         cases = list(plan.train_cases) if plan.train_cases else default_train_cases(env, plan)
         groups: dict[tuple[str, int, int], list[TrainCase]] = {}
@@ -186,20 +193,19 @@ def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
             groups.setdefault((c.size, c.T, c.B), []).append(c)
         for group in groups.values():  # one group = one set of models, full and padded batch
             log(f"  measuring {', '.join(c.label for c in group)} ...")
-            rows += done(run_train_cases(group, env, rounds=plan.rounds, rep_ms=3 * rep_ms, cpu_reps=cpu_reps,
-                                         allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                         only=plan.candidates))
+            rows += run_train_cases(group, env, rounds=plan.rounds, rep_ms=3 * rep_ms, cpu_reps=cpu_reps,
+                                    allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                    only=plan.candidates)
     if "inference" in plan.families:
         by_model: dict[str, list[InferenceCase]] = {}
         for c in default_inference_cases(env, plan):
             by_model.setdefault(c.model, []).append(c)
-        for group in by_model.values():  # one group = one set of models; rows kept as each group finishes
+        for group in by_model.values():  # one group = one set of models; rows kept as each case finishes
             log(f"  measuring {', '.join(c.label for c in group)} ...")
-            rows += done(run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
-                                             allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
-                                             only=plan.candidates))
+            rows += run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
+                                        allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
+                                        only=plan.candidates)
     return rows
-
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -270,11 +276,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         print("\n".join(lines))
         return 0
+    signal.signal(signal.SIGTERM, _interrupt)  # a time limit's SIGTERM unwinds like Ctrl-C: rows so far are kept
     env = make_env(args.device)
     if not env.cuda and args.threads:
         torch.set_num_threads(args.threads)
     vers = ", ".join(f"{k} {v}" for k, v in env.versions.items())
     print(f"fastbert-bench on {env.gpu}; {vers}; commit {env.commit}; run {env.run_id}", flush=True)
+    from .precompile import RECORD_ENV, apply_from_env  # here: `python -m fastbert.bench.precompile` imports cli
+
+    apply_from_env(lambda line: print(line, flush=True))
+    if os.environ.get(RECORD_ENV):
+        return _record(env, plan)
     load_or_measure_ceilings(env, args.ceilings_json, quick=args.quick)
     kind = "bf16 matmul" if env.cuda else "fp32 matmul"
     print(f"measured ceilings: {kind} {env.ceil_tflops:.3g} TFLOP/s, copy {env.ceil_gbps:.3g} GB/s", flush=True)
@@ -295,7 +307,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.progress:
             print(format_table(new, env), flush=True)
 
-    rows = run_plan(env, plan, log=lambda s: print(s, flush=True), on_rows=on_rows)
+    try:
+        rows = run_plan(env, plan, log=lambda s: print(s, flush=True), on_rows=on_rows)
+    except KeyboardInterrupt:
+        print(format_table(so_far, env))
+        print(f"\nstopped by a signal: the {len(so_far)} rows above are in the CSVs and the JSON", flush=True)
+        return 130
     print(format_table(rows, env))
     if not env.cuda:
         print("\nskipped: no CUDA device")
@@ -307,13 +324,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def runs_triton(candidate: str) -> bool:
+    """Whether a candidate launches Triton kernels of its own (fastbert's, or a peer's such as Liger's): what a
+    recording run (`precompile`) runs; torch.compile's Triton kernels go through inductor, not the recorder."""
+    return candidate.startswith("fastbert") or "optimize" in candidate or candidate == LIGER
+
+
+def _record(env: BenchEnv, plan: Plan) -> int:
+    """A recording run: the plan's candidates that launch Triton kernels, once each, nothing written."""
+    runnable: set[str] = set()
+    describe_plan(env, plan, runnable)
+    plan.candidates = sorted(n for n in runnable if runs_triton(n))
+    plan.rounds = 1
+    print(f"recording the Triton compiles of {', '.join(plan.candidates) or 'no candidate'}", flush=True)
+    if plan.candidates:
+        run_plan(env, plan, log=lambda s: print(s, flush=True))
+    return 0
+
+
 def _write_json(path: str | None, rows: Sequence[Row], env: BenchEnv) -> None:
+    """All rows so far, rewritten whole and atomically (a kill never leaves a torn file)."""
     if not path:
         return
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"gpu": env.gpu, "versions": env.versions, "commit": env.commit, "run_id": env.run_id,
-                   "ceil_tflops": env.ceil_tflops, "ceil_gbps": env.ceil_gbps,
-                   "rows": [r.to_dict(env) for r in rows]}, f, indent=1)
+    write_text_atomic(Path(path), json.dumps(
+        {"gpu": env.gpu, "versions": env.versions, "commit": env.commit, "run_id": env.run_id,
+         "ceil_tflops": env.ceil_tflops, "ceil_gbps": env.ceil_gbps, "rows": [r.to_dict(env) for r in rows]},
+        indent=1))
 
 
 if __name__ == "__main__":

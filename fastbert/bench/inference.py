@@ -40,7 +40,7 @@ from .cases import (
     split_model,
 )
 from .lengths import LENGTHS
-from .results import Row, finish_rows
+from .results import Row, report_rows
 from .timing import BenchEnv, _short_error, extra_bytes, first_call_s, free_memory, interleaved_ms
 
 # all-MiniLM-L6-v2's shape (the embedded checkpoint's config): 6 layers, hidden 384, 12 heads of 32.
@@ -266,7 +266,8 @@ def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds
             def row(n: str, m: str, case=case, shape=shape, **kw) -> Row:
                 return Row("inference", case.label, case.model, n, m, dt, shape, **kw)
 
-            rows += [row(n, "-", note=f"skipped: {why}") for n, why in skipped.items()]
+            rows += report_rows([row(n, "-", note=f"skipped: {why}") for n, why in skipped.items()], env, BASELINE)
+            case_rows: list[Row] = []
             batch = make_encode_batch(cfg, lengths, env.device)
             texts = _same_length_texts(lengths)
             fns, warm, case_err = {}, {}, dict(errors)
@@ -290,7 +291,7 @@ def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds
             ms = interleaved_ms(fns, env.device, rounds=rounds, rep_ms=rep_ms, cpu_reps=cpu_reps, errors=case_err)
             for n in names:
                 if n not in ms:
-                    rows.append(row(n, "fwd", note=f"error: {case_err.get(n, 'not measured')}"))
+                    case_rows.append(row(n, "fwd", note=f"error: {case_err.get(n, 'not measured')}"))
                     continue
                 r = row(n, "fwd", ms=ms[n], warm_s=warm.get(n), seq_per_s=case.B / (ms[n] * 1e-3),
                         parity=parity.get(n, ""))
@@ -301,11 +302,12 @@ def run_inference_cases(cases: Sequence[InferenceCase], env: BenchEnv, *, rounds
                         r.extra_GB = extra_bytes(fns[n], env.device) / 1e9
                     except Exception as e:
                         r.note = f"memory: {_short_error(e)}"
-                rows.append(r)
+                case_rows.append(r)
+            rows += report_rows(case_rows, env, BASELINE)  # this case's rows land now, before the next case
             if callables is not None:
                 callables.clear()
                 callables.update(fns)
             del fns, batch
         del models
         free_memory(env.device)
-    return finish_rows(rows, env, BASELINE)
+    return rows

@@ -12,6 +12,9 @@ where it cannot run it is listed as skipped with the reason, never silently left
                         the same call is torch's addmm followed by erf GELU (no cuBLASLt): measured, with a note.
     sdpa-flash          SDPA restricted to its flash backend (FlashAttention-2 inside PyTorch) on the same padded
                         batch **without** the key mask: the FA2 anchor, doing the padded work without masking it.
+    sdpa-cudnn          SDPA restricted to its cuDNN backend (`SDPBackend.CUDNN_ATTENTION`) on the padded batch
+                        **with** the key mask (torch turns the boolean mask into an additive bias for cuDNN) and
+                        dropout: the best masked attention with dropout a PyTorch user already has on Hopper.
     sdpa-flash-varlen   the same backend on the packed real tokens (a jagged nested tensor: one long sequence of
                         real tokens with offsets), the semantics of fastbert-varlen.
     flash-attn-varlen   `flash_attn.flash_attn_varlen_func` with dropout on the packed real tokens, where the
@@ -32,6 +35,7 @@ from .timing import BenchEnv, _short_error, interpreter_on
 LIGER = "liger"
 CUBLASLT = "cublaslt"
 SDPA_FLASH = "sdpa-flash"
+SDPA_CUDNN = "sdpa-cudnn"
 SDPA_FLASH_VARLEN = "sdpa-flash-varlen"
 FLASH_ATTN_VARLEN = "flash-attn-varlen"
 SENTENCE_TRANSFORMERS = "sentence-transformers"
@@ -40,7 +44,7 @@ SENTENCE_TRANSFORMERS = "sentence-transformers"
 # fastbert candidate is compared with (besides the family's baseline). Transformers is the peer of the whole
 # model; `hf-sdpa+optimize` is fastbert's layers inside transformers, not a peer.
 PEERS = {
-    "attention": (SDPA_FLASH, SDPA_FLASH_VARLEN, FLASH_ATTN_VARLEN),
+    "attention": (SDPA_FLASH, SDPA_CUDNN, SDPA_FLASH_VARLEN, FLASH_ATTN_VARLEN),
     "kernels": (LIGER, CUBLASLT),
     "train": ("hf-eager", "hf-sdpa", "hf-sdpa-compile"),
     "inference": ("hf-sdpa", "hf-sdpa-compile", SENTENCE_TRANSFORMERS),
@@ -94,6 +98,19 @@ def sdpa_flash(env: BenchEnv) -> tuple[Any, str]:
     if not env.cuda:
         return None, "SDPA's flash backend with dropout is CUDA only (on a CPU it takes no dropout)"
     return (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)), ""
+
+
+def sdpa_cudnn(env: BenchEnv) -> tuple[Any, str]:
+    """A context factory restricting SDPA to its cuDNN backend, or (None, why)."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError as e:
+        return None, f"torch {torch.__version__} has no torch.nn.attention.sdpa_kernel ({_short_error(e)})"
+    backend = getattr(SDPBackend, "CUDNN_ATTENTION", None)
+    if backend is None:
+        return None, f"torch {torch.__version__} has no SDPBackend.CUDNN_ATTENTION"
+    why = _cuda_reason(env, "SDPA's cuDNN backend")
+    return (None, why) if why else ((lambda: sdpa_kernel(backend)), "")
 
 
 def nested_jagged(env: BenchEnv) -> tuple[Any, str]:

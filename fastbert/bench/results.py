@@ -1,13 +1,16 @@
 """Rows of results: the CSV layout (one file per family, header written once), speed-ups against the family's
-baseline and its best peer, and the printed tables."""
+baseline and its best peer, the printed tables, and the row sink through which every family hands over its rows
+as soon as they are measured (`report_rows`: the command line appends them to the CSVs at once, so a run killed
+part-way keeps every row reported before the kill)."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +126,32 @@ def finish_rows(rows: list[Row], env: BenchEnv, baseline: str) -> list[Row]:
             r.pct_ceiling = 100.0 * r.tflops / env.ceil_tflops
         elif r.gbps is not None and env.ceil_gbps:
             r.pct_ceiling = 100.0 * r.gbps / env.ceil_gbps
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- the row sink
+
+_SINKS: list[Callable[[list[Row]], None]] = []
+
+
+@contextlib.contextmanager
+def row_sink(sink: Callable[[list[Row]], None]) -> Iterator[None]:
+    """While active, every `report_rows` call hands its rows to `sink` at once (the command line appends them to
+    the CSVs and rewrites its JSON there)."""
+    _SINKS.append(sink)
+    try:
+        yield
+    finally:
+        _SINKS.remove(sink)
+
+
+def report_rows(rows: list[Row], env: BenchEnv, baseline: str) -> list[Row]:
+    """`finish_rows`, then the rows handed to the active sinks: what a family calls as soon as a group of rows is
+    complete and will not change (a case's skipped candidates, one mode of a case, one training case). The group
+    must hold the baseline's row of each of its (case, mode) for the speed-ups. Returns `rows`."""
+    finish_rows(rows, env, baseline)
+    for sink in _SINKS if rows else ():
+        sink(rows)
     return rows
 
 

@@ -38,19 +38,35 @@ def versions() -> dict[str, str]:
     return out
 
 
-def git_commit() -> str:
-    """Short commit of the working tree ("+dirty" with uncommitted changes); FASTBERT_COMMIT overrides."""
+ROOT = Path(__file__).resolve().parents[2]
+COMMIT_FILE = ROOT / ".gpu-wheels" / "COMMIT"  # `make gpu-commit` writes it; it travels with the carried folder
+
+
+def commit_source() -> tuple[str, str]:
+    """(short commit, where it came from): FASTBERT_COMMIT; else git ("+dirty" with uncommitted changes); else, in
+    a copy of the tree without .git (as on a lent GPU machine), the commit `make gpu-commit` wrote into
+    `.gpu-wheels/COMMIT` before the copy; else ("unknown", why)."""
     if os.environ.get("FASTBERT_COMMIT"):
-        return os.environ["FASTBERT_COMMIT"]
-    root = Path(__file__).resolve().parents[2]
+        return os.environ["FASTBERT_COMMIT"], "FASTBERT_COMMIT"
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                              text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return (sha + ("+dirty" if dirty else "")) if sha else "unknown"
+        sha = dirty = ""
+    if sha:
+        return sha + ("+dirty" if dirty else ""), "git"
+    if COMMIT_FILE.is_file():
+        written = COMMIT_FILE.read_text(encoding="utf-8").strip()
+        if written:
+            return written, f"{COMMIT_FILE.relative_to(ROOT)} (no git here)"
+    return "unknown", "no git, no FASTBERT_COMMIT, no .gpu-wheels/COMMIT (run `make gpu-commit` before copying)"
+
+
+def git_commit() -> str:
+    """The short commit of the working tree (see `commit_source`)."""
+    return commit_source()[0]
 
 
 def interpreter_on() -> bool:

@@ -32,7 +32,7 @@ from .cases import (
     split_model,
     train_flops,
 )
-from .results import Row, finish_rows
+from .results import Row, report_rows
 from .timing import BenchEnv, _short_error, extra_bytes, first_call_s, free_memory, interleaved_ms
 
 # ---------------------------------------------------------------------------------------------- train step
@@ -268,8 +268,8 @@ def run_train_cases(cases: Sequence[TrainCase], env: BenchEnv, *, rounds: int = 
             def row(n: str, m: str, case=case, shape=shape, dt=dt, **kw) -> Row:
                 return Row("train", case.label, case.size, n, m, dt, shape, **kw)
 
-            for n, why in skipped.items():
-                rows.append(row(n, "-", note=f"skipped: {why}"))
+            rows += report_rows([row(n, "-", note=f"skipped: {why}") for n, why in skipped.items()], env, "hf-sdpa")
+            case_rows: list[Row] = []
             batch, lengths = make_batch(cfg, B, T, case.padded, env.device, arch=arch)
             flops = train_flops(cfg, lengths)
             steps: dict[str, Callable[[], torch.Tensor]] = {}
@@ -291,7 +291,7 @@ def run_train_cases(cases: Sequence[TrainCase], env: BenchEnv, *, rounds: int = 
                                 errors=errors)
             for n in names:
                 if n not in ms:
-                    rows.append(row(n, mode, note=f"error: {errors.get(n, 'not measured')}"))
+                    case_rows.append(row(n, mode, note=f"error: {errors.get(n, 'not measured')}"))
                     continue
                 sec = ms[n] * 1e-3
                 r = row(n, mode, ms=ms[n], warm_s=warm.get(n), seq_per_s=B / sec, tflops=flops / sec / 1e12)
@@ -306,12 +306,13 @@ def run_train_cases(cases: Sequence[TrainCase], env: BenchEnv, *, rounds: int = 
                         r.extra_GB, r.peak_GB = extra / 1e9, (extra + own) / 1e9
                     except Exception as e:
                         r.note = f"memory: {_short_error(e)}"
-                rows.append(r)
+                case_rows.append(r)
+            rows += report_rows(case_rows, env, "hf-sdpa")  # this case's rows land now, before the next case
             if callables is not None:
                 callables.clear()
                 callables.update(steps)
             del steps, batch
         del trainers
         free_memory(env.device)
-    return finish_rows(rows, env, "hf-sdpa")
+    return rows
 

@@ -137,13 +137,18 @@ def _recording_draw_seed(log: list, original):
     return draw
 
 
-def test_dropout_matches_reference_with_the_kernels_keep_masks(monkeypatch, device):
-    p_hidden, p_attn = 0.15, 0.2
-    config = tiny_config(hidden_dropout_prob=p_hidden, attention_probs_dropout_prob=p_attn)
+def run_with_the_kernels_keep_masks(monkeypatch, config: BertConfig, device: str, dtype=torch.float32,
+                                    lengths=LENGTHS, T: int = T):
+    """Fused model (in `dtype`) with dropout on, then the reference in `dtype` and in float64 fed exactly the
+    keep-masks the fused kernels drew: (fused, reference, reference64), each (outputs, loss, grads), and the rows with
+    a real token. Also used by the bf16 GPU check (tests/kernels/test_gpu_gaps.py)."""
+    p_hidden, p_attn = config.hidden_dropout_prob, config.attention_probs_dropout_prob
     fused, ref, ref64 = make_models(config, device)
-    batch = make_batch(config, device)
+    fused, ref = fused.to(dtype), ref.to(dtype)
+    batch = make_batch(config, device, lengths, T)
     real = batch[1].bool().cpu()
     rows = real.any(1).to(device)
+    B = len(lengths)
     # Record every dropout seed the fused kernels draw, in call order.
     ln_seeds, attn_seeds = [], []
     monkeypatch.setattr(bdaln_kernels, "draw_seed", _recording_draw_seed(ln_seeds, bdaln_kernels.draw_seed))
@@ -190,25 +195,36 @@ def test_dropout_matches_reference_with_the_kernels_keep_masks(monkeypatch, devi
             assert abs(dropped - p_hidden) < 0.03, f"dropout dropped {dropped:.3f}, expected ~{p_hidden}"
             layer.attention.output.dropout = _FixedMaskDropout(packed_to_padded(keep_attn_out), p_hidden)
             layer.output.dropout = _FixedMaskDropout(packed_to_padded(keep_ffn_out), p_hidden)
-    outs = {}
-    for key, model in (("r32", ref), ("r64", ref64)):
+    outs = [(out_f, loss_f, {n: p.grad for n, p in fused.named_parameters() if p.grad is not None})]
+    for model in (ref, ref64):
         model.zero_grad()
         o = model(ids, mask, types, labels=labels, masked_only=True)
         loss = o.mlm_loss.double() + F.cross_entropy(o.seq_relationship_logits[rows].double(), nsp[rows])
         loss.backward()
-        outs[key] = (o, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
-    (o32, l32, g32), (o64, l64, g64) = outs["r32"], outs["r64"]
-    atol = 2e-5
-    assert_within_torch_error(out_f.mlm_loss, o64.mlm_loss, o32.mlm_loss, atol=atol, name="mlm_loss")
+        outs.append((o, loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    return (*outs, rows)
+
+
+def assert_dropout_run_matches(fused, ref, ref64, rows, *, atol: float, k: float = 2.0, grad_atol=None) -> None:
+    """The fused run within k × the same-dtype reference's error (+ atol) of the float64 one: MLM loss, NSP logits,
+    loss and every parameter gradient."""
+    (out_f, loss_f, g_f), (o32, l32, g32), (o64, l64, g64) = fused, ref, ref64
+    assert_within_torch_error(out_f.mlm_loss, o64.mlm_loss, o32.mlm_loss, k=k, atol=atol, name="mlm_loss")
     assert_within_torch_error(
         out_f.seq_relationship_logits[rows], o64.seq_relationship_logits[rows],
-        o32.seq_relationship_logits[rows], atol=atol, name="nsp logits",
+        o32.seq_relationship_logits[rows], k=k, atol=atol, name="nsp logits",
     )
-    assert_within_torch_error(loss_f, l64, l32, atol=atol, name="loss")
-    fused_grads = {n: p.grad for n, p in fused.named_parameters() if p.grad is not None}
-    assert set(fused_grads) == set(g64)
+    assert_within_torch_error(loss_f, l64, l32, k=k, atol=atol, name="loss")
+    assert set(g_f) == set(g64)
     for name in g64:
-        assert_within_torch_error(fused_grads[name], g64[name], g32[name], atol=atol, name=f"grad {name}")
+        assert_within_torch_error(g_f[name], g64[name], g32[name], k=k, atol=atol if grad_atol is None else grad_atol,
+                                  name=f"grad {name}")
+
+
+def test_dropout_matches_reference_with_the_kernels_keep_masks(monkeypatch, device):
+    config = tiny_config(hidden_dropout_prob=0.15, attention_probs_dropout_prob=0.2)
+    fused, ref, ref64, rows = run_with_the_kernels_keep_masks(monkeypatch, config, device)
+    assert_dropout_run_matches(fused, ref, ref64, rows, atol=2e-5)
 
 
 @pytest.mark.parametrize("flag", ["fused_qkv", "fused_attention", "fused_bias_gelu", "fused_bias_dropout_layernorm",
