@@ -23,17 +23,18 @@ lanes as tagged pointers with a mask from the descriptor's own shape, so a descr
 overrun its tensor is caught like any pointer.
 
 Triton internals relied on (triton 3.6.0, ``triton/runtime/interpreter.py``; the pinned CPU version):
-``_implicit_cvt`` (argument -> pointer handle; its ``TensorDescriptor`` branch calls it again on the base),
-``GridExecutor.__call__`` (one launch; ``.fn``, ``.arg_names``), ``interpreter_builder.grid_idx``, and the four
-``InterpreterBuilder`` methods every access ends in: ``create_masked_load``, ``create_masked_store`` (which
-``create_load``/``create_store``, the block-pointer and descriptor loads/stores, gathers and scatters call), and
-``create_atomic_rmw`` (atomic_add/and/or/xor/min/max/xchg), ``create_atomic_cas``.
+``_implicit_cvt`` (argument -> pointer handle, a module global; its ``TensorDescriptor`` branch calls it again on
+the base), ``_unwrap_tensor``, ``TensorHandle``, ``GridExecutor.__call__`` (one launch; ``.fn``, ``.arg_names``),
+``interpreter_builder.grid_idx``, and the four ``InterpreterBuilder`` methods every access ends in:
+``create_masked_load`` and ``create_masked_store`` (called by ``create_load``/``create_store``, the block-pointer
+and descriptor loads and stores, gathers and scatters), ``create_atomic_rmw`` (add, and, or, xor, min, max, xchg)
+and ``create_atomic_cas``.
 
-Caution: the unit is an argument's storage, not its view: a pointer derived from a view of a packed buffer (q of a
-packed qkv) may touch the whole buffer, and an access that is in bounds but at the wrong place (wrong stride,
-wrong row of the right tensor) is a value bug, for the numerical tests to catch. Pointers stored in memory and
-loaded back, or made from integers, are not followed (no kernel here does either; one would be reported as not
-derived from any argument). Launches outside the interpreter (CUDA) are not checked: compute-sanitizer's job.
+Caution: the unit is an argument's whole storage, not its view: a pointer derived from q, a view of a packed qkv
+buffer, may touch k and v. Not caught: an access in bounds but at the wrong place (a wrong stride or row: the
+numerical tests' job), reads of in-bounds memory nobody wrote (``torch.empty``), pointers loaded from memory or
+made from integers (no kernel here has any; they would be reported as derived from no argument). Kernels see
+tagged pointer values (the low bits, hence alignment, are the real ones). CUDA launches are not checked.
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ _ADDRESS_BITS = 48  # x86-64 / aarch64 Linux user space: addresses below 2**47 (
 _ADDRESS_MASK = np.uint64((1 << _TAG_SHIFT) - 1)  # keeps the guard bits: a wild pointer stays wild when stripped
 _MAX_TAGS = 1 << (64 - _TAG_SHIFT)  # tag 0 = derived from no argument
 _EXAMPLES = 6  # offending offsets quoted per violation
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
+_INTERNALS = ("_implicit_cvt", "_unwrap_tensor", "TensorHandle", "GridExecutor", "interpreter_builder")
+_BUILDER_OPS = ("create_masked_load", "create_masked_store", "create_atomic_rmw", "create_atomic_cas")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: messages name files from it
 
 
 class OutOfBounds(AssertionError):
@@ -76,7 +78,7 @@ class _Launch:
         address = tensor.data_ptr()
         if address >> _ADDRESS_BITS:
             raise RuntimeError(f"bounds checker: address {address:#x} has bits above {_ADDRESS_BITS}; run with "
-                               "FASTBERT_BOUNDS_CHECK=0 on this machine")  # fmt: skip
+                               f"{SWITCH_ENV}=0 on this machine")  # fmt: skip
         storage = tensor.untyped_storage()
         key = (address, tuple(tensor.shape), tuple(tensor.stride()))
         name = self.names.get(key, "a tensor argument")
@@ -103,9 +105,15 @@ class BoundsChecker:
     def install(self) -> None:
         if self.installed:
             return
+        import triton
         from triton.runtime import interpreter
 
         builder = interpreter.InterpreterBuilder
+        missing = [name for name in _INTERNALS if not hasattr(interpreter, name)]
+        missing += [f"InterpreterBuilder.{name}" for name in _BUILDER_OPS if not hasattr(builder, name)]
+        if missing:
+            raise RuntimeError(f"bounds checker: Triton {triton.__version__}'s interpreter has no {missing} (written "
+                               f"for 3.6.0); adapt tests/bounds.py or run with {SWITCH_ENV}=0")  # fmt: skip
         self._wrap_launch(interpreter)
         self._wrap_argument(interpreter)
         self._wrap_memory_ops(builder, interpreter)
