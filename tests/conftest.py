@@ -9,7 +9,11 @@
    the file names one (``test_<op>.py`` → ``kernels.<op>``; or a probe kernel in the test file) — except
    tests marked ``reference_path`` (they mean to exercise the PyTorch fallback) or ``no_kernel`` (argument
    checks, compile-only checks).
-3. No quiet skips. Under ``FASTBERT_STRICT=1`` (CI: .ci/run) a missing requirement fails instead of skipping
+3. Bounds checker (tests/bounds.py). Under the interpreter every enabled lane of every load, store and atomic
+   must lie inside the storage of the tensor argument its pointer came from; a violation fails the test, naming
+   the kernel, the line, the operation and the offsets. ``FASTBERT_BOUNDS_CHECK=0`` turns it off (not under
+   ``FASTBERT_STRICT=1``).
+4. No quiet skips. Under ``FASTBERT_STRICT=1`` (CI: .ci/run) a missing requirement fails instead of skipping
    (``tests.helpers.require``) and, on a machine without CUDA, the run fails if any skip is not a
    ``gpu``-marked test.
 """
@@ -29,9 +33,16 @@ if not _CUDA:
         raise RuntimeError(f"{early} imported before tests/conftest.py could set TRITON_INTERPRET=1")
     os.environ["TRITON_INTERPRET"] = "1"
 
+from tests import bounds  # noqa: E402
 from tests.helpers import LAUNCH_SPY, STRICT_ENV, launched, strict  # noqa: E402
 
 LAUNCH_SPY.install()
+# Every interpreted load, store and atomic checked against its tensor argument's storage (tests/bounds.py).
+BOUNDS_CHECK = not _CUDA and bounds.wanted()
+if BOUNDS_CHECK:
+    bounds.BOUNDS.install()
+elif not _CUDA and strict():
+    raise RuntimeError(f"{bounds.SWITCH_ENV}=0 under {STRICT_ENV}=1: CI runs the kernels bounds-checked")
 
 # One intra-op thread: the tests use tiny tensors, where threads cost more than they give (and CI has 2 cores).
 torch.set_num_threads(1)
@@ -101,7 +112,9 @@ def pytest_report_header(config):
     how = _how_kernels_run()
     mode = f"{STRICT_ENV}=1: missing requirements and non-gpu skips fail the run" if strict() else (
         f"{STRICT_ENV} unset: missing requirements skip")
-    return [f"fastbert: {how}; every kernel test must launch one (launch spy)", f"fastbert: {mode}"]
+    check = ("every interpreted load, store and atomic bounds-checked" if BOUNDS_CHECK else
+             f"bounds checker off ({bounds.SWITCH_ENV}=0)" if not _CUDA else "compiled kernels: no bounds checker")
+    return [f"fastbert: {how}; every kernel test must launch one (launch spy); {check}", f"fastbert: {mode}"]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -133,7 +146,11 @@ def _expected_module(item) -> str | tuple[str, ...] | None:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     LAUNCH_SPY.reset()
+    bounds.BOUNDS.take()
     result = yield  # re-raises the test's own failure: nothing to add then
+    out_of_bounds = bounds.BOUNDS.take()  # raised in the kernel, but a test may have caught the error
+    if out_of_bounds:
+        pytest.fail("\n".join(out_of_bounds), pytrace=False)
     path = item.nodeid.split("::")[0]
     exempt = item.get_closest_marker("reference_path") or item.get_closest_marker("no_kernel")
     if path.startswith(KERNEL_TESTS) and not exempt:

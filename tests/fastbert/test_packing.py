@@ -231,6 +231,25 @@ def test_inconsistent_metadata_is_refused(case):
         build()
 
 
+def test_token_positions_disagreeing_with_the_mask_at_equal_counts_are_refused():
+    """Metadata of another mask with the same count per row: the lengths agree, the positions do not."""
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]])
+    other = PackedBatch.from_batch(torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]]))
+    assert other.lengths == (3, 2) and other.num_tokens == 5
+    model = BertForPreTraining(_config().with_fusions(False))
+    with pytest.raises(ValueError, match="token_indices disagree with attention_mask's real positions"):
+        model(torch.ones_like(mask), mask, packed=other)
+
+
+def test_duplicate_indices_are_refused():
+    """A repeated position with every row's count right (5 + 2 tokens): still not the mask's positions."""
+    _, _, good, _ = _disagreeing()
+    with pytest.raises(ValueError, match="token_indices must be increasing"):
+        _replace(good, token_indices=torch.tensor([0, 1, 2, 3, 3, 5, 6]))
+    with pytest.raises(ValueError, match="labelled_positions must be increasing"):
+        _replace(good, labelled_positions=torch.tensor([3, 3]), num_labelled=2)
+
+
 def test_metadata_disagreeing_with_labels_or_shape_is_refused():
     mask, labels, good, _ = _disagreeing()
     model = BertForPreTraining(_config().with_fusions(False))

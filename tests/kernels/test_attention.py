@@ -309,6 +309,16 @@ def test_bad_arguments_raise_value_error(device):
             call()
 
 
+@pytest.mark.no_kernel("argument checks raise before any launch")
+def test_cu_seqlens_short_of_the_packed_tokens_is_refused(device):
+    """cu_seqlens[-1] < total: the trailing tokens belong to no sequence, their outputs would be uninitialised
+    memory. (`test_bad_arguments_raise_value_error` covers cu_seqlens[-1] > total.)"""
+    packed = torch.randn(9, 2, 16, device=device)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match=r"cu_seqlens\[-1\] = 7 must equal the number of packed tokens 9"):
+        fused_attention_varlen(packed, packed, packed, cu, 4)
+
+
 def test_float_01_mask_is_refused_with_the_accepted_conventions(device):
     """A float 0/1 mask [B, 1, 1, T] (1 = real token) used to be read as additive, i.e. as "no padding"."""
     q = torch.randn(2, 5, 2, 16, device=device)
