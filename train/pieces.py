@@ -142,7 +142,7 @@ def read_piece(piece: Piece, stats: dict | None = None) -> Iterator[tuple[list[s
     with open(piece.path, "rb") as f:
         end, cut = _boundary(f, piece, piece.end)
         pos, _ = _boundary(f, piece, piece.start)
-        if stats is not None:
+        if stats is not None and pos < end:  # an empty piece's end is counted by the piece before it
             stats["cut_documents"] = stats.get("cut_documents", 0) + int(cut)
         f.seek(pos)
         doc: list[str] = []
@@ -196,7 +196,7 @@ def _check_unchanged(piece: Piece) -> None:
 
 def _boundary(f: IO[bytes], piece: Piece, x: int) -> tuple[int, bool]:
     """Where the document-aligned cut at nominal byte x lies (see the module docstring), and whether it cuts a
-    document (no blank line within a piece's length)."""
+    document in two (no blank line within a piece's length, and the cut is not at a document's start)."""
     if x <= 0 or x >= piece.file_size:
         return min(max(x, 0), piece.file_size), False
     f.seek(x - 1)
@@ -205,19 +205,31 @@ def _boundary(f: IO[bytes], piece: Piece, x: int) -> tuple[int, bool]:
     first = pos = f.tell()
     if piece.kind == "jsonl":
         return first, False
-    while pos < piece.file_size and pos < x + piece.piece_bytes:
+    while pos < piece.file_size:
         line = _readline(f, piece, pos)
         if not line.strip():
             return pos, False
         pos += len(line)
-    return (piece.file_size, False) if pos >= piece.file_size else (first, True)
+        if pos >= x + piece.piece_bytes:
+            break
+    if pos >= piece.file_size:
+        return piece.file_size, False
+    return first, not _follows_blank_line(f, first)
+
+
+def _follows_blank_line(f: IO[bytes], pos: int) -> bool:
+    """Whether the line before the one starting at `pos` is blank (looking back at most 4 KB)."""
+    start = max(0, pos - 4096)
+    f.seek(start)
+    before = f.read(pos - start)
+    return not before[:-1].rsplit(b"\n", 1)[-1].strip()
 
 
 def _readline(f: IO[bytes], piece: Piece, pos: int) -> bytes:
     line = f.readline(MAX_LINE_MB * _MB + 1)
     if len(line) > MAX_LINE_MB * _MB:
-        raise ValueError(f"{piece.path}: the line at byte {pos} is longer than {MAX_LINE_MB} MB; a text input holds "
-                         "one sentence or paragraph per line (JSON Lines: one document per line) — is it text?")
+        raise ValueError(f"{piece.path} holds a line longer than {MAX_LINE_MB} MB (around byte {pos}); a text input "
+                         "holds one sentence or paragraph per line (JSON Lines: one document per line) — is it text?")
     nul = line.find(b"\0")
     if nul >= 0:
         raise ValueError(f"{piece.path} holds a NUL byte at byte {pos + nul}: not a text file")
