@@ -16,6 +16,7 @@ Caution: pure Python, about 60 k instances per second per core.
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -190,15 +191,21 @@ def create_instances(
 def instance_arrays(docs: TokenDocs, instances: Sequence[Instance], vocab_size: int) -> dict[str, np.ndarray]:
     """The arrays of one shard (train/shards.py: tokens, offsets, len_a, is_random_next), in instance order."""
     n = len(instances)
-    ranges = np.array(instances, dtype=np.int64).reshape(n, 5)
-    len_a = ranges[:, 1] - ranges[:, 0]
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(len_a + ranges[:, 3] - ranges[:, 2], out=offsets[1:])
-    tokens = np.empty(int(offsets[-1]), dtype=token_dtype(vocab_size))
+    ranges = np.fromiter(itertools.chain.from_iterable(instances), dtype=np.int64, count=5 * n).reshape(n, 5)
+    # The segments in output order (A then B of each instance): where each starts in `docs.tokens`, its length,
+    # and where it starts in the output.
+    seg_start = ranges[:, [0, 2]].ravel()  # (2n,)
+    seg_len = (ranges[:, [1, 3]] - ranges[:, [0, 2]]).ravel()  # (2n,)
+    seg_out = np.zeros(2 * n + 1, dtype=np.int64)
+    np.cumsum(seg_len, out=seg_out[1:])
+    tokens = np.empty(int(seg_out[-1]), dtype=token_dtype(vocab_size))
     source = docs.tokens
-    for (a_lo, a_hi, b_lo, b_hi, _), o in zip(instances, offsets[:-1].tolist(), strict=True):
-        m = o + a_hi - a_lo
-        tokens[o:m] = source[a_lo:a_hi]
-        tokens[m:m + b_hi - b_lo] = source[b_lo:b_hi]
-    return {"tokens": tokens, "offsets": offsets, "len_a": len_a.astype(np.int32),
+    step = 1 << 14  # segments per gather: its index arrays stay a few MB
+    for s in range(0, 2 * n, step):
+        e = min(s + step, 2 * n)
+        # token t of the chunk comes from source[seg_start[k] + (t - first output position of segment k)]
+        index = np.repeat(seg_start[s:e] - (seg_out[s:e] - seg_out[s]), seg_len[s:e])
+        index += np.arange(seg_out[s], seg_out[e]) - seg_out[s]
+        tokens[seg_out[s]:seg_out[e]] = source[index]
+    return {"tokens": tokens, "offsets": seg_out[::2].copy(), "len_a": seg_len[::2].astype(np.int32),
             "is_random_next": ranges[:, 4].astype(np.uint8)}

@@ -257,11 +257,11 @@ ONE_PIECE = {"instances_per_mb": 3637.7, "tokens_per_instance": 89.14, "random_n
 
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
-    """The embedded Wikipedia corpus prepared once in ten pieces of 0.5 MB by two worker processes."""
+    """The embedded Wikipedia corpus prepared once in four pieces of 1.25 MB by two worker processes."""
     require("wiki_corpus")
     require("minilm")
     out = tmp_path_factory.mktemp("embedded") / "wiki"
-    meta = prep.prepare(prep.PrepareConfig(out_dir=str(out), max_seq_len=128, dupe_factor=1, piece_mb=0.5,
+    meta = prep.prepare(prep.PrepareConfig(out_dir=str(out), max_seq_len=128, dupe_factor=1, piece_mb=1.25,
                                            workers=2), log=lambda m: None)
     return out, meta
 
@@ -269,7 +269,7 @@ def embedded(tmp_path_factory):
 def test_embedded_corpus_in_pieces_keeps_the_one_piece_statistics(embedded):
     out, meta = embedded
     splits = meta["splits"]
-    assert len(splits["train"]["shards"]) == len(splits["heldout"]["shards"]) == 10
+    assert len(splits["train"]["shards"]) == len(splits["heldout"]["shards"]) == 4
     n = sum(s["instances"] for s in splits.values())
     ours = {"instances_per_mb": n / (meta["input_bytes"] / 1e6),
             "tokens_per_instance": sum(s["tokens"] for s in splits.values()) / n,

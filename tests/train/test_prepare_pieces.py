@@ -10,6 +10,7 @@ import random
 import pytest
 
 from fastbert._atomic import set_fault_hook
+from tests.helpers import require
 from tests.train.prepared_data import write_corpus, write_vocab
 from train import pieces as pc
 from train import prepare as prep
@@ -197,3 +198,16 @@ def test_progress_lines_when_not_a_terminal(monkeypatch):
     assert said[0].startswith("prepare: 2/4 pieces, 6 of 12 MB, ") and " MB/s, " in said[0]
     assert said[0].endswith(" left")
     assert said[-1].endswith("00:00 left") and not any("\r" in m for m in said)
+
+
+def test_corpus_text_for_measurements(tmp_path):
+    """train/corpus_text.py (the benchmarks' corpora): the embedded paragraphs, reshuffled each pass, as text."""
+    require("wiki_corpus")
+    from train.corpus_text import write_wiki_text
+
+    n = write_wiki_text(tmp_path / "c.txt", 0.2, seed=1)
+    assert n == (tmp_path / "c.txt").stat().st_size and 0.2 * (1 << 20) <= n < 0.2 * (1 << 20) + 40_000
+    docs, cut = read_all(tmp_path / "c.txt", 1 << 16)
+    assert cut == 0 and len(docs) > 200 and all(len(d) >= 1 for d in docs)
+    assert write_wiki_text(tmp_path / "again.txt", 0.2, seed=1) == n
+    assert (tmp_path / "again.txt").read_bytes() == (tmp_path / "c.txt").read_bytes()
