@@ -281,17 +281,14 @@ def _batches(documents: Iterable[tuple[list[str], int]], sentences: int) -> Iter
 
 
 def save_array(path: Path, values: np.ndarray) -> None:
-    """np.save to a temporary name, fsync, rename: the file is complete or absent."""
+    """np.save to a temporary name, fsync, rename: the file is complete or absent. (A temporary file left by a
+    failure is replaced by the next attempt, or goes with the work folder.)"""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, values, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with open(tmp, "wb") as f:
+        np.save(f, values, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def make_piece(cfg: PrepareConfig, piece: Piece, work: WorkFolder, vocab: str) -> dict:
@@ -357,8 +354,9 @@ class Progress:
     def line(self) -> str:
         rate = self.run_bytes / max(time.monotonic() - self.t0, 1e-9)
         left = self.format_interval((self.total_bytes - self.done_bytes) / rate) if rate else "?"
-        return (f"prepare: {self.count}/{self.total} pieces, {self.done_bytes / _MB:.0f} of "
-                f"{self.total_bytes / _MB:.0f} MB, {rate / _MB:.2f} MB/s, {left} left")
+        digits = 0 if self.total_bytes >= 100 * _MB else 2
+        return (f"prepare: {self.count}/{self.total} pieces, {self.done_bytes / _MB:.{digits}f} of "
+                f"{self.total_bytes / _MB:.{digits}f} MB, {rate / _MB:.2f} MB/s, {left} left")
 
     def close(self) -> None:
         self.bar.close()

@@ -561,7 +561,7 @@ def test_cli(tmp_path, corpus, capsys):
     assert json.loads((out / "meta.json").read_text())["max_seq_len"] == 24
     said = capsys.readouterr()
     # Not a terminal: plain progress lines (the last one at least), no carriage-return bar.
-    assert "prepare: 3/3 pieces, 0 of 0 MB," in said.out and " MB/s, 00:00 left" in said.out
+    assert "prepare: 3/3 pieces, 0.03 of 0.03 MB," in said.out and " MB/s, 00:00 left" in said.out
     assert "\r" not in said.out + said.err
     assert {p.name for p in tmp_path.iterdir()} == {"cli"}  # the work folder is gone
     assert {p.name for p in out.iterdir()} == {"fastbert-manifest.json", "meta.json", "vocab.txt", "shards"}

@@ -195,7 +195,7 @@ def test_progress_lines_when_not_a_terminal(monkeypatch):
         progress.update(3 << 20)
     progress.close()
     assert [m.split(",")[0] for m in said] == ["prepare: 2/4 pieces", "prepare: 3/4 pieces", "prepare: 4/4 pieces"]
-    assert said[0].startswith("prepare: 2/4 pieces, 6 of 12 MB, ") and " MB/s, " in said[0]
+    assert said[0].startswith("prepare: 2/4 pieces, 6.00 of 12.00 MB, ") and " MB/s, " in said[0]
     assert said[0].endswith(" left")
     assert said[-1].endswith("00:00 left") and not any("\r" in m for m in said)
 
