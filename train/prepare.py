@@ -50,6 +50,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -163,12 +164,14 @@ def train_vocab(documents: Iterable[Sequence[str]], vocab_size: int, lowercase: 
     return [*SPECIAL_TOKENS, *sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)]
 
 
-def resolve_vocab(cfg: PrepareConfig, pieces: Sequence[Piece], work: WorkFolder, log: Callable[[str], None]) -> Path:
-    """The vocab.txt the pieces are tokenized with: the given one, the default, or one trained on a sample of
-    the corpus and kept in the work folder (a resumed run uses the same)."""
-    if not cfg.vocab_size:
-        return Path(cfg.vocab) if cfg.vocab else default_vocab_path()
+def resolve_vocab(cfg: PrepareConfig, given: Path | None, pieces: Sequence[Piece], work: WorkFolder,
+                  log: Callable[[str], None]) -> Path:
+    """The vocab.txt the pieces are tokenized with, in the work folder (where every worker, Dask's included,
+    finds it): a copy of the given one, or one trained on a sample of the corpus (a resumed run uses the same)."""
     path = work.path / "vocab.txt"
+    if given is not None:
+        shutil.copyfile(given, path)  # copied again by every run of the command: a kill mid-copy does no harm
+        return path
     if path.is_file():
         log(f"using the vocabulary trained by an interrupted run of this command ({path})")
         return path
@@ -217,32 +220,31 @@ class WorkFolder:
         """The statistics of `piece` when a task finished it as it is planned now, its arrays all there."""
         try:
             stats = json.loads(self.marker(piece.index).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            sizes = {shard_path(self.path, shard_name(split, piece.index), a): stats["splits"][split]["files"][a]
+                     for split in SPLITS for a in ARRAYS}
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         if stats.get("piece") != asdict(piece):  # planned differently: its input file changed
             return None
-        for split in SPLITS:
-            name = shard_name(split, piece.index)
-            for array, size in stats["splits"][split]["files"].items():
-                path = shard_path(self.path, name, array)
-                if not path.is_file() or path.stat().st_size != size:
-                    return None
+        if not all(path.is_file() and path.stat().st_size == size for path, size in sizes.items()):
+            return None
         return stats
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
 
     def remove_abandoned(self) -> None:
-        """Remove the work folders of this output that no running process owns (left by failed runs)."""
-        prefix = f".{self.out_dir.name}.work-"
+        """Remove the work folders of this output left by runs whose process is gone (only folders fastbert
+        made: the name's pattern and an owner.json naming the process)."""
+        pattern = re.compile(rf"\.{re.escape(self.out_dir.name)}\.work-[0-9a-f]{{16}}")
         for folder in self.out_dir.parent.iterdir():
-            if not folder.name.startswith(prefix) or folder == self.path or not folder.is_dir():
+            if not pattern.fullmatch(folder.name) or folder == self.path or not folder.is_dir():
                 continue
             try:
                 pid = int(json.loads((folder / "owner.json").read_text(encoding="utf-8"))["pid"])
             except (OSError, ValueError, KeyError, TypeError):
-                pid = None
-            if pid is None or not _pid_alive(pid):
+                continue
+            if not _pid_alive(pid):
                 shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -476,15 +478,15 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def assemble(cfg: PrepareConfig, inputs: Sequence[str], vocab: Path, results: Sequence[dict], work: WorkFolder,
-             out_dir: Path) -> dict:
+def assemble(cfg: PrepareConfig, inputs: Sequence[str], vocab: Path, given_vocab: Path | None,
+             results: Sequence[dict], work: WorkFolder, out_dir: Path) -> dict:
     """The output folder from the finished pieces (folder-atomic, manifest last); returns its meta."""
     tok = load_tokenizer(vocab, cfg.lowercase)
     splits = split_totals(results)
     check_counts(inputs, results, splits)
     meta = {
         "format_version": FORMAT_VERSION,
-        "config": {"inputs": list(inputs), "vocab": None if cfg.vocab_size else str(vocab),
+        "config": {"inputs": list(inputs), "vocab": None if given_vocab is None else str(given_vocab),
                    **{k: getattr(cfg, k) for k in OUTPUT_OPTIONS}},
         "vocab_size": tok.get_vocab_size(),
         "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
@@ -566,10 +568,10 @@ def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
     pieces = plan_pieces([absolute(p) for p in inputs], max(1, int(cfg.piece_mb * _MB)))
     work = WorkFolder(out_dir, work_key(cfg, inputs, pieces, given_vocab))
     work.open()
-    vocab = resolve_vocab(cfg, pieces, work, log)
+    vocab = resolve_vocab(cfg, given_vocab, pieces, work, log)
     results = prepare_pieces(cfg, pieces, work, vocab, log)
     fault_point("prepare:pieces-done")
-    meta = assemble(cfg, inputs, vocab, results, work, out_dir)
+    meta = assemble(cfg, inputs, vocab, given_vocab, results, work, out_dir)
     work.remove()
     work.remove_abandoned()
     notes, c, h = meta["notes"], meta["splits"]["train"], meta["splits"]["heldout"]
