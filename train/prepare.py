@@ -38,7 +38,7 @@ Progress (pieces, MB/s, time left) is a live bar on a terminal and a line every 
 Caution: the held-out share is met in expectation (a hash), not exactly, and a piece's held-out documents draw
 their random B among themselves — with a single one, from itself, as Google's code does. Memory: a task holds
 about 10× its piece (the arrays of dupe_factor passes and the tokens). Throughput is bound by WordPiece
-tokenization, about 2 MB/s of text per core.
+tokenization, 1.5 to 2 MB/s of text per core.
 """
 
 from __future__ import annotations
