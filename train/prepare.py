@@ -395,6 +395,9 @@ def run_pieces(cfg: PrepareConfig, todo: Sequence[Piece], work: WorkFolder, voca
     except BrokenProcessPool:
         raise RuntimeError("a worker process died (out of memory? try fewer --workers or a smaller --piece-mb); "
                            "the pieces finished so far are kept: run the same command again to go on") from None
+    except KeyboardInterrupt:
+        print("fastbert-prepare: stopping once the pieces in progress are written ...", file=sys.stderr, flush=True)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
