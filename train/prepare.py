@@ -1,357 +1,114 @@
-"""Pretraining data creation: plain text → sentence-pair instances, stored as memory-mappable arrays.
+"""Pretraining data creation: plain text → sentence-pair instances in shards of memory-mappable arrays.
 
-Pipeline (the original BERT `create_pretraining_data.py`, minus the masking — masking is done at load time
-by `train.dataset.PretrainingDataset`, with a fresh seeded draw every epoch):
+The original BERT's `create_pretraining_data.py` minus the masking (done at load time by `train.dataset`, with
+a fresh seeded draw every epoch), run piece by piece so that memory does not grow with the corpus:
 
-    documents   text files with one sentence per line and a blank line between documents, or a JSON object
-                title → {"title", "extract"} (the embedded Wikipedia lead paragraphs, the default)
-    sentences   `split_sentences`: a small rule-based splitter (below); lines of a text file are split too,
-                so a line holding a whole paragraph is fine
+    pieces      the inputs cut into document-aligned pieces of about --piece-mb (train/pieces.py: text with one
+                sentence or paragraph per line and blank lines between documents, JSON Lines, or the embedded
+                Wikipedia JSON); a piece is one task that reads and holds only its own text
+    sentences   `split_sentences` (train/pieces.py), a small rule-based splitter
     tokens      WordPiece through the `tokenizers` package: a given vocab.txt (default: the MiniLM one, the
-                uncased vocabulary of the original BERT), or a new vocabulary of `vocab_size` trained here
-    instances   [CLS] A [SEP] B [SEP] up to max_seq_len, by the original's selection rules
-                (`instances_from_document`): segments of whole sentences packed to a target length (shorter
-                with probability short_seq_prob), B the true continuation or, with probability 1/2 and always
-                when the chunk is one sentence, a span of another document (~64 % random pairs on the embedded
-                lead paragraphs); the longer segment trimmed at a random end (truncate_seq_pair).
-                `split_single_sentence` is the near-50/50 variant that cuts one-sentence chunks instead
-    splits      documents (not instances) are split into train / held-out, so no held-out text is trained on;
-                a random B comes from the same split
+                uncased vocabulary of the original BERT), or a new one of --vocab-size trained on a sample of
+                about --vocab-sample-mb spread over all pieces (the whole corpus when it is smaller)
+    splits      a document is held out when a hash of its text keyed by the seed falls below
+                --heldout-fraction: the same text is in the same split wherever it occurs, and no held-out text
+                is trained on
+    instances   [CLS] A [SEP] B [SEP] up to max_seq_len by the original's selection rules (train/instances.py),
+                within one piece and one split: a random-next B comes from another document of the same piece
+    shards      piece k gives the shards train-{k:05d} and heldout-{k:05d}; the layout is train/shards.py's
 
-Output directory (one per sequence length, e.g. phase 1 at 128 and phase 2 at 512), written as a temporary
-sibling folder and swapped in by rename when complete (fastbert/_atomic.py). An existing --out-dir is replaced
-only when it is empty or a previous fastbert-prepare output (its manifest says so); anything else is refused
-unless --overwrite, and the working directory or a folder holding an input never:
+Parallel: the pieces run in a process pool (--workers, all cores by default) or on a Dask cluster
+(--dask-scheduler ADDRESS; its workers must have fastbert installed and see the inputs and the output's parent
+folder at the same paths). A piece's random draws depend on (seed, piece, split) only and the pieces on the
+inputs and --piece-mb only, so the output is the same, byte for byte, whatever the workers.
 
-    fastbert-manifest.json      written last: kind "prepared-data", each file's size and sha256
-    meta.json                   format version, options, special-token ids, counts
-    vocab.txt                   the vocabulary the ids refer to
-    {split}.tokens.npy          A and B of every instance back to back (uint16, or int32 past 65,536 ids)
-    {split}.offsets.npy         int64 [n + 1]: instance i is tokens[offsets[i]:offsets[i + 1]]
-    {split}.len_a.npy           int32 [n]: length of segment A (the rest is B)
-    {split}.is_random_next.npy  uint8 [n]: 1 when B is a random span (NSP label 1, as in BERT)
+Resumable: each finished piece is written atomically (its arrays by temp + rename, then a marker) into a work
+folder beside the output, `.NAME.work-KEY`, KEY a hash of the input paths, the vocabulary and every option that
+changes the output; a marker also records its input file's size and modification time. Run again after a kill
+or an error, the same command reuses every piece whose marker still matches and gives the bytes an
+uninterrupted run gives; another command never sees them (another KEY). When all pieces are done the output is
+assembled under a temporary sibling (hard links, no copy), its manifest written last, and swapped in by rename
+(fastbert/_atomic.py); then the work folder is removed. A failed or interrupted run leaves its work folder for
+the next one (never the output); the next complete run of the same output removes the ones left behind.
+An existing --out-dir is replaced only when it is empty or a previous fastbert-prepare output; anything else is
+refused unless --overwrite, and the working directory or a folder holding an input never.
 
-Caution: all documents are held in memory while instances are made (fine for corpora up to a few GB of text);
-instance creation is pure Python (about 10 k instances per second).
+Progress (pieces, MB/s, time left) is a live bar on a terminal and a line every 30 s otherwise.
+
+Caution: the held-out share is met in expectation (a hash), not exactly, and a piece's held-out documents draw
+their random B among themselves — with a single one, from itself, as Google's code does. Memory: a task holds
+about 10× its piece (the arrays of dupe_factor passes and the tokens). Throughput is bound by WordPiece
+tokenization, 1.5 to 2 MB/s of text per core.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
+import multiprocessing
 import os
 import random
 import re
 import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fastbert._atomic import (
+    _pid_alive,
     absolute,
     atomic_folder,
     fault_point,
     manifest_kind,
     recover,
     refuse_dangerous_target,
+    sha256_file,
     verify_manifest,
+    write_text_atomic,
 )
 from fastbert.tokenizer import SPECIAL_TOKENS, Tokenizer
 
 from .cli import add_config_arguments
-
-# 2: instances made as Google's create_pretraining_data.py (segments end at sentence ends, random-next B from
-# another document with the unused segments put back). Version 1 data was paired by the earlier rule: the
-# loaders refuse it, and the embedded corpus's cache is prepared again.
-FORMAT_VERSION = 2
-SPLITS = ("train", "heldout")
-DATA_KIND = "prepared-data"  # the manifest kind of a fastbert-prepare output
-_OUTPUT_NAMES = frozenset({"meta.json", "vocab.txt"} | {f"{s}.{a}.npy" for s in SPLITS
-                                                        for a in ("tokens", "offsets", "len_a", "is_random_next")})
-
-
-# ---------------------------------------------------------------------------------------------- sentences
-# A boundary is sentence-final punctuation (plus closing quotes/brackets), whitespace, then something that can
-# start a sentence (capital, digit, opening quote/bracket). The word before the punctuation vetoes the split when
-# it is a known abbreviation or a single letter (initials: "Arthur C. Clarke", "U.S. Navy").
-_BOUNDARY = re.compile(r"([.!?][\"'”’)\]]*)\s+(?=[\"'“‘(\[]?[A-Z0-9])")
-_ABBREVIATIONS = frozenset(
-    "mr mrs ms dr prof sr jr st mt ft vs etc e.g i.e cf al approx ca c no nos vol fig gen col lt sgt capt "
-    "gov sen rep rev hon jan feb mar apr jun jul aug sep sept oct nov dec inc ltd co corp bros u.s u.k".split()
+from .instances import TokenDocs, create_instances, instance_arrays, tokenize_documents
+from .pieces import Piece, plan_pieces, read_piece, sample_documents
+from .shards import (
+    ARRAYS,
+    FORMAT_VERSION,
+    SHARD_DIR,
+    SPLITS,
+    load_array,  # noqa: F401  (train/dataset.py imports it from here)
+    shard_name,
+    shard_path,
 )
 
-
-def split_sentences(text: str) -> list[str]:
-    """Split running text into sentences with the rule above; whitespace is normalised, empty pieces dropped.
-
-    Caution: rule-based — a sentence ending in an abbreviation ("... in the U.S. The next") stays joined to the
-    next one, and a lowercase sentence start is not a boundary. Good enough for BERT's segment packing, which
-    only needs roughly sentence-sized pieces.
-    """
-    text = " ".join(text.split())
-    sentences, start = [], 0
-    for m in _BOUNDARY.finditer(text):
-        end = m.end(1)
-        words = text[start:m.start(1)].rsplit(" ", 1)
-        last = words[-1].lower().lstrip("\"'“‘([")
-        if m.group(1)[0] == "." and (last in _ABBREVIATIONS or len(last) == 1):
-            continue
-        sentences.append(text[start:end])
-        start = m.end()
-    if start < len(text):
-        sentences.append(text[start:])
-    return [s for s in (s.strip() for s in sentences) if s]
+DATA_KIND = "prepared-data"  # the manifest kind of a fastbert-prepare output
+# What a format-1 output (written before manifests) holds: recognised as fastbert's own, so it is replaced.
+_OUTPUT_NAMES = frozenset({"meta.json", "vocab.txt"} | {f"{s}.{a}.npy" for s in SPLITS for a in ARRAYS})
+# The options that change the output: they name the work folder and are recorded in meta.json.
+OUTPUT_OPTIONS = ("lowercase", "max_seq_len", "dupe_factor", "short_seq_prob", "split_single_sentence",
+                  "heldout_fraction", "seed", "piece_mb", "vocab_size", "vocab_sample_mb")
+TOKENIZE_BATCH = 4096  # sentences per tokenizer call: bounds the tokenizer's per-token objects
+PROGRESS_EVERY_S = 30.0  # a progress line this often when the output is not a terminal
+_MB = 1 << 20
 
 
-# ---------------------------------------------------------------------------------------------- documents
-def read_text_documents(path: str | os.PathLike) -> list[list[str]]:
-    """A text file with one sentence (or paragraph) per line and blank lines between documents."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text ({e})") from None
-    if not text.strip():
-        raise ValueError(f"input file {path} is empty")
-    docs, current = [], []
-    for line in text.splitlines():
-        if line.strip():
-            current.extend(split_sentences(line))
-        elif current:
-            docs.append(current)
-            current = []
-    if current:
-        docs.append(current)
-    return docs
-
-
-def read_json_documents(path: str | os.PathLike) -> list[list[str]]:
-    """A JSON object title → {"title", "extract", ...} (the embedded Wikipedia format); one document per entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"input file not found: {path}")
-    if path.stat().st_size == 0:
-        raise ValueError(f"input file {path} is empty")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object title → {{'extract': ...}}, got {type(data).__name__}")
-    docs = []
-    for title, entry in data.items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("extract"), str):
-            raise ValueError(f"{path}: entry {title!r} has no 'extract' string")
-        sentences = split_sentences(entry["extract"])
-        if sentences:
-            docs.append(sentences)
-    return docs
-
-
-def read_documents(paths: Sequence[str | os.PathLike]) -> list[list[str]]:
-    """Documents (lists of sentences) from text files and/or `.json` files; a clear error when there are none."""
-    if not paths:
-        raise ValueError("no input files given")
-    docs: list[list[str]] = []
-    for p in paths:
-        docs.extend(read_json_documents(p) if str(p).endswith(".json") else read_text_documents(p))
-    if not docs:
-        raise ValueError(f"no documents found in {', '.join(str(p) for p in paths)}")
-    return docs
-
-
-# ---------------------------------------------------------------------------------------------- vocabulary
-def default_vocab_path() -> Path:
-    """The uncased BERT WordPiece vocabulary shipped with the MiniLM checkpoint."""
-    from fastbert.resources import minilm_path
-
-    return minilm_path() / "vocab.txt"
-
-
-def train_vocab(documents: list[list[str]], vocab_size: int, out_dir: Path, lowercase: bool = True) -> Path:
-    """Train a new WordPiece vocabulary of `vocab_size` on the documents; returns the written vocab.txt."""
-    from tokenizers import BertWordPieceTokenizer
-
-    if vocab_size < len(SPECIAL_TOKENS) + 100:
-        raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
-    tok = BertWordPieceTokenizer(lowercase=lowercase)
-    tok.train_from_iterator(
-        (s for d in documents for s in d), vocab_size=vocab_size, min_frequency=2,
-        special_tokens=list(SPECIAL_TOKENS), show_progress=False,
-    )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tok.save_model(str(out_dir))
-    # The trainer orders tokens of equal frequency differently from one process to the next (hash order), so
-    # the ids would change between identical runs: the special tokens first, then the rest sorted.
-    path = out_dir / "vocab.txt"
-    tokens = path.read_text(encoding="utf-8").splitlines()
-    rest = sorted(t for t in tokens if t not in SPECIAL_TOKENS)
-    path.write_text("\n".join([*SPECIAL_TOKENS, *rest]) + "\n", encoding="utf-8")
-    return path
-
-
-def tokenize_documents(tok, documents: list[list[str]], max_sentence_tokens: int | None = None,
-                       stats: dict | None = None) -> list[list[list[int]]]:
-    """documents of sentences → documents of token-id lists (empty sentences and documents dropped).
-
-    A sentence longer than `max_sentence_tokens` (a document that is one giant "sentence": no punctuation the
-    splitter knows, a table, a list) is cut into consecutive pieces of at most that many tokens, so no instance
-    has to drop most of it; `stats["split_sentences"]` / `["split_pieces"]` count them."""
-    flat = [s for d in documents for s in d]
-    ids = [e.ids for e in tok.encode_batch(flat, add_special_tokens=False)]
-    out, i, n_split, n_pieces = [], 0, 0, 0
-    for d in documents:
-        sents = []
-        for s in ids[i:i + len(d)]:
-            if max_sentence_tokens is not None and len(s) > max_sentence_tokens:
-                pieces = [s[k:k + max_sentence_tokens] for k in range(0, len(s), max_sentence_tokens)]
-                n_split, n_pieces = n_split + 1, n_pieces + len(pieces)
-                sents.extend(pieces)
-            elif s:
-                sents.append(s)
-        i += len(d)
-        if sents:
-            out.append(sents)
-    if stats is not None:
-        stats.update(split_sentences=n_split, split_pieces=n_pieces)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- instances
-def truncate_seq_pair(a: list[int], b: list[int], max_num_tokens: int, rng: random.Random) -> None:
-    """Trim the longer of a, b (b when they are equal) one token at a time, from the front or the back at random,
-    until they fit — the original BERT's rule."""
-    while len(a) + len(b) > max_num_tokens:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
-        else:
-            longer.pop()
-
-
-def _random_b(docs: list[list[list[int]]], doc_index: int, target_len: int, rng: random.Random) -> list[int]:
-    """Consecutive sentences of another document (10 draws to avoid this one), from a random sentence on, until
-    `target_len` tokens (at least one sentence)."""
-    other = doc_index
-    for _ in range(10):
-        other = rng.randrange(len(docs))
-        if other != doc_index:
-            break
-    other_doc = docs[other]
-    b: list[int] = []
-    for s in other_doc[rng.randrange(len(other_doc)):]:
-        b.extend(s)
-        if len(b) >= target_len:
-            break
-    return b
-
-
-def instances_from_document(
-    docs: list[list[list[int]]], doc_index: int, max_seq_len: int, short_seq_prob: float, rng: random.Random,
-    split_single_sentence: bool = False,
-) -> list[tuple[list[int], list[int], bool]]:
-    """(A, B, is_random_next) triples from one document, by the selection rules of the original BERT:
-
-    - one target length per document: max_seq_len − 3, or with probability `short_seq_prob` a uniform length in
-      [2, max_seq_len − 3];
-    - sentences are gathered into a chunk until it reaches the target (or the document ends); A is the first
-      `a_end` sentences of the chunk (a_end uniform in [1, sentences − 1]), so segments end at sentence ends;
-    - B is the rest of the chunk (true next), or — with probability 1/2, and always when the chunk holds a single
-      sentence — a span of another document (random next), in which case the chunk's unused sentences are put
-      back and start the next chunk;
-    - the pair is trimmed to fit by `truncate_seq_pair`.
-
-    `split_single_sentence=True` is fastbert's earlier variant: a one-sentence chunk is cut inside the sentence
-    and gets a true-next B with probability 1/2, which keeps NSP near 50/50 on short documents (Google's rule
-    gives ~64 % random pairs on the embedded lead paragraphs) at the price of true-next pairs cut mid-sentence
-    while random B segments always start at a sentence start.
-    """
-    document = docs[doc_index]
-    max_num_tokens = max_seq_len - 3  # [CLS] A [SEP] B [SEP]
-    target = max_num_tokens if rng.random() >= short_seq_prob else rng.randint(2, max_num_tokens)
-    instances: list[tuple[list[int], list[int], bool]] = []
-    chunk: list[list[int]] = []
-    chunk_len, i = 0, 0
-    while i < len(document):
-        chunk.append(document[i])
-        chunk_len += len(document[i])
-        if i == len(document) - 1 or chunk_len >= target:
-            pieces, rewindable = chunk, True
-            if split_single_sentence and len(chunk) == 1 and len(chunk[0]) >= 2:
-                cut = rng.randint(1, len(chunk[0]) - 1)
-                pieces, rewindable = [chunk[0][:cut], chunk[0][cut:]], False
-            a_end = rng.randint(1, len(pieces) - 1) if len(pieces) >= 2 else 1
-            a = [t for s in pieces[:a_end] for t in s]
-            if len(pieces) == 1 or rng.random() < 0.5:
-                is_random = True
-                b = _random_b(docs, doc_index, target - len(a), rng)
-                if rewindable:
-                    i -= len(pieces) - a_end  # the unused sentences of this chunk start the next one
-            else:
-                is_random = False
-                b = [t for s in pieces[a_end:] for t in s]
-            truncate_seq_pair(a, b, max_num_tokens, rng)
-            if a and b:
-                instances.append((a, b, is_random))
-            chunk, chunk_len = [], 0
-        i += 1
-    return instances
-
-
-def create_instances(
-    docs: list[list[list[int]]], max_seq_len: int, dupe_factor: int, short_seq_prob: float, rng: random.Random,
-    split_single_sentence: bool = False,
-) -> list[tuple[list[int], list[int], bool]]:
-    """Every document `dupe_factor` times (different packing and random B each time), then shuffled."""
-    if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents to draw random next segments from, got {len(docs)}")
-    instances = []
-    for _ in range(dupe_factor):
-        for d in range(len(docs)):
-            instances.extend(
-                instances_from_document(docs, d, max_seq_len, short_seq_prob, rng, split_single_sentence)
-            )
-    rng.shuffle(instances)
-    return instances
-
-
-def write_split(out_dir: Path, split: str, instances: list[tuple[list[int], list[int], bool]], vocab_size: int) -> None:
-    dtype = np.uint16 if vocab_size <= 1 << 16 else np.int32
-    lengths = np.array([len(a) + len(b) for a, b, _ in instances], dtype=np.int64)
-    offsets = np.zeros(len(instances) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    tokens = np.fromiter((t for a, b, _ in instances for t in (*a, *b)), dtype=dtype, count=int(offsets[-1]))
-    np.save(out_dir / f"{split}.tokens.npy", tokens)
-    fault_point(f"prepare:{split}.tokens-written")
-    np.save(out_dir / f"{split}.offsets.npy", offsets)
-    np.save(out_dir / f"{split}.len_a.npy", np.array([len(a) for a, _, _ in instances], dtype=np.int32))
-    np.save(out_dir / f"{split}.is_random_next.npy", np.array([r for _, _, r in instances], dtype=np.uint8))
-
-
-def load_array(path: Path, mmap: bool = False) -> np.ndarray:
-    """np.load of one prepared array; a truncated or corrupt file is a ValueError that names it."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing; prepare the data again (fastbert-prepare)") from None
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({e}); prepare the data again (fastbert-prepare)") from None
-
-
-# ---------------------------------------------------------------------------------------------- API
+# ---------------------------------------------------------------------------------------------- config
 @dataclass
 class PrepareConfig:
     out_dir: str = "runs/data/wiki-128"  # output directory (one per sequence length)
-    inputs: tuple[str, ...] = ()  # text / .json files; empty = the embedded Wikipedia lead paragraphs
+    inputs: tuple[str, ...] = ()  # text / .jsonl / .json files; empty = the embedded Wikipedia lead paragraphs
     vocab: str | None = None  # vocab.txt; None = the MiniLM (original BERT uncased) vocabulary
     vocab_size: int = 0  # > 0: train a new WordPiece vocabulary of this size on the corpus instead
+    vocab_sample_mb: float = 64.0  # with vocab_size: train it on about this much text, spread over the corpus
     lowercase: bool = True  # the default vocabulary is uncased
     max_seq_len: int = 128  # 128 for phase 1, 512 for phase 2
     dupe_factor: int = 5  # passes over the corpus, each packed and paired differently (BERT used 10)
@@ -360,6 +117,10 @@ class PrepareConfig:
     #                                      pairing it with a random B (off = the original BERT's rule)
     heldout_fraction: float = 0.02  # of the documents, for evaluation (0 = no held-out split)
     seed: int = 12345
+    piece_mb: float = 16.0  # input text per piece (one task, one shard per split): a task's memory is about
+    #                         10× this, whatever the corpus
+    workers: int = 0  # processes preparing pieces at once; 0 = all cores (the output does not depend on it)
+    dask_scheduler: str | None = None  # run the pieces on this Dask cluster instead (e.g. tcp://host:8786)
     overwrite: bool = False  # replace an out_dir that is not a previous fastbert-prepare output (deleting it)
 
     def validate(self) -> None:
@@ -371,10 +132,381 @@ class PrepareConfig:
             raise ValueError(f"short_seq_prob must be in [0, 1], got {self.short_seq_prob}")
         if not 0.0 <= self.heldout_fraction < 0.5:
             raise ValueError(f"heldout_fraction must be in [0, 0.5), got {self.heldout_fraction}")
-        if self.vocab_size < 0:
-            raise ValueError(f"vocab_size must be >= 0, got {self.vocab_size}")
+        if self.vocab_size < 0 or 0 < self.vocab_size < len(SPECIAL_TOKENS) + 100:
+            raise ValueError(f"vocab_size must be 0 or at least {len(SPECIAL_TOKENS) + 100}, got {self.vocab_size}")
         if self.vocab is not None and self.vocab_size:
             raise ValueError("give either vocab (an existing vocab.txt) or vocab_size (train one), not both")
+        if self.piece_mb <= 0 or self.vocab_sample_mb <= 0:
+            raise ValueError(f"piece_mb and vocab_sample_mb must be > 0, got {self.piece_mb}, {self.vocab_sample_mb}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0 = all cores), got {self.workers}")
+
+
+# ---------------------------------------------------------------------------------------------- vocabulary
+def default_vocab_path() -> Path:
+    """The uncased BERT WordPiece vocabulary shipped with the MiniLM checkpoint."""
+    from fastbert.resources import minilm_path
+
+    return minilm_path() / "vocab.txt"
+
+
+def train_vocab(documents: Iterable[Sequence[str]], vocab_size: int, lowercase: bool = True) -> list[str]:
+    """A new WordPiece vocabulary of at most `vocab_size` tokens, trained on the documents' sentences: the
+    special tokens first, then the rest sorted (the trainer orders tokens of equal frequency differently from
+    one process to the next, so its own order would change the ids between identical runs)."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(lowercase=lowercase)
+    tok.train_from_iterator(
+        (s for d in documents for s in d), vocab_size=vocab_size, min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+    )
+    return [*SPECIAL_TOKENS, *sorted(t for t in tok.get_vocab() if t not in SPECIAL_TOKENS)]
+
+
+def resolve_vocab(cfg: PrepareConfig, given: Path | None, pieces: Sequence[Piece], work: WorkFolder,
+                  log: Callable[[str], None]) -> Path:
+    """The vocab.txt the pieces are tokenized with, in the work folder (where every worker, Dask's included,
+    finds it): a copy of the given one, or one trained on a sample of the corpus (a resumed run uses the same)."""
+    path = work.path / "vocab.txt"
+    if given is not None:
+        shutil.copyfile(given, path)  # copied again by every run of the command: a kill mid-copy does no harm
+        return path
+    if path.is_file():
+        log(f"using the vocabulary trained by an interrupted run of this command ({path})")
+        return path
+    read: dict = {}
+    tokens = train_vocab(sample_documents(pieces, int(cfg.vocab_sample_mb * _MB), read), cfg.vocab_size,
+                         cfg.lowercase)
+    write_text_atomic(path, "\n".join(tokens) + "\n")
+    fault_point("prepare:vocab-written")
+    log(f"trained a WordPiece vocabulary of {len(tokens)} tokens on {_megabytes(read['bytes'])} "
+        f"({read['documents']} documents) of the corpus's {_megabytes(sum(p.nbytes for p in pieces))}")
+    return path
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / _MB:,.1f} MB" if n >= _MB else f"{n / _MB:.3f} MB"
+
+
+def load_tokenizer(vocab: Path, lowercase: bool):
+    return Tokenizer.from_file(vocab, lowercase=lowercase).backend_tokenizer
+
+
+# ---------------------------------------------------------------------------------------------- work folder
+class WorkFolder:
+    """Where one command's finished pieces wait for the end of the run (see the module docstring):
+
+        .NAME.work-KEY/owner.json                   the process id of the run using it
+        .NAME.work-KEY/vocab.txt                    a vocabulary trained by this command
+        .NAME.work-KEY/shards/{shard}.{array}.npy   as in the output
+        .NAME.work-KEY/pieces/{piece:05d}.json      a piece's marker, written last: the piece as planned, its
+                                                    counts and the sizes of its arrays
+    """
+
+    def __init__(self, out_dir: Path, key: str):
+        self.out_dir = out_dir
+        self.path = out_dir.parent / f".{out_dir.name}.work-{key}"
+
+    def open(self) -> None:
+        (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+        (self.path / "pieces").mkdir(exist_ok=True)
+        write_text_atomic(self.path / "owner.json", json.dumps({"pid": os.getpid()}))
+
+    def marker(self, index: int) -> Path:
+        return self.path / "pieces" / f"{index:05d}.json"
+
+    def finished(self, piece: Piece) -> dict | None:
+        """The statistics of `piece` when a task finished it as it is planned now, its arrays all there."""
+        try:
+            stats = json.loads(self.marker(piece.index).read_text(encoding="utf-8"))
+            sizes = {shard_path(self.path, shard_name(split, piece.index), a): stats["splits"][split]["files"][a]
+                     for split in SPLITS for a in ARRAYS}
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if stats.get("piece") != asdict(piece):  # planned differently: its input file changed
+            return None
+        if not all(path.is_file() and path.stat().st_size == size for path, size in sizes.items()):
+            return None
+        return stats
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def remove_abandoned(self) -> None:
+        """Remove the work folders of this output left by runs whose process is gone (only folders fastbert
+        made: the name's pattern and an owner.json naming the process)."""
+        pattern = re.compile(rf"\.{re.escape(self.out_dir.name)}\.work-[0-9a-f]{{16}}")
+        for folder in self.out_dir.parent.iterdir():
+            if not pattern.fullmatch(folder.name) or folder == self.path or not folder.is_dir():
+                continue
+            try:
+                pid = int(json.loads((folder / "owner.json").read_text(encoding="utf-8"))["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if not _pid_alive(pid):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def work_key(cfg: PrepareConfig, inputs: Sequence[str], pieces: Sequence[Piece], vocab: Path | None) -> str:
+    """What names the work folder: the format, the output options, the input paths and the vocabulary (its
+    sha256; a trained one depends on the whole corpus as planned now, so on every piece)."""
+    ident: dict = {"format": FORMAT_VERSION, "options": {k: getattr(cfg, k) for k in OUTPUT_OPTIONS},
+                   "inputs": [str(absolute(p)) for p in inputs]}
+    if vocab is None:
+        ident["pieces"] = [asdict(p) for p in pieces]
+    else:
+        ident["vocab_sha256"] = sha256_file(vocab)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- one piece
+def is_heldout(sentences: Sequence[str], seed: int, fraction: float) -> bool:
+    """Whether a document is held out: a hash of its text keyed by the seed, below `fraction` of its range."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.blake2b("\n".join(sentences).encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "big") < fraction * 2.0**64
+
+
+def _batches(documents: Iterable[tuple[list[str], int]], sentences: int) -> Iterator[list[tuple[list[str], int]]]:
+    """Consecutive documents grouped into lists of at least `sentences` sentences (the last one fewer)."""
+    batch, n = [], 0
+    for doc in documents:
+        batch.append(doc)
+        n += len(doc[0])
+        if n >= sentences:
+            yield batch
+            batch, n = [], 0
+    if batch:
+        yield batch
+
+
+def save_array(path: Path, values: np.ndarray) -> None:
+    """np.save to a temporary name, fsync, rename: the file is complete or absent. (A temporary file left by a
+    failure is replaced by the next attempt, or goes with the work folder.)"""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, values, allow_pickle=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_piece(cfg: PrepareConfig, piece: Piece, work: WorkFolder, vocab: str) -> dict:
+    """One task, run here, in a pool worker or on a Dask worker: the two shards of `piece` written into the
+    work folder, then its marker; returns the marker's statistics. Holds only this piece."""
+    tok = load_tokenizer(Path(vocab), cfg.lowercase)
+    docs = {split: TokenDocs() for split in SPLITS}
+    stats: dict = {"piece": asdict(piece), "bytes": 0, "cut_documents": 0, "long_sentences": 0,
+                   "long_sentence_pieces": 0, "splits": {}}
+    for batch in _batches(read_piece(piece, stats), TOKENIZE_BATCH):
+        ids = tokenize_documents(tok, [sentences for sentences, _ in batch], cfg.max_seq_len - 3, stats)
+        for (sentences, nbytes), doc in zip(batch, ids, strict=True):
+            stats["bytes"] += nbytes
+            docs["heldout" if is_heldout(sentences, cfg.seed, cfg.heldout_fraction) else "train"].add(doc)
+    for split in SPLITS:
+        rng = random.Random(f"{cfg.seed}:{piece.index}:{split}")
+        instances = create_instances(docs[split], cfg.max_seq_len, cfg.dupe_factor, cfg.short_seq_prob, rng,
+                                     cfg.split_single_sentence)
+        arrays = instance_arrays(docs[split], instances, tok.get_vocab_size())
+        name = shard_name(split, piece.index)
+        for array in ARRAYS:
+            save_array(shard_path(work.path, name, array), arrays[array])
+            fault_point(f"prepare:piece-{piece.index:05d}:{split}.{array}-written")
+        stats["splits"][split] = {
+            "documents": len(docs[split]), "instances": len(instances), "tokens": int(arrays["offsets"][-1]),
+            "random_next": int(arrays["is_random_next"].sum()),
+            "files": {a: shard_path(work.path, name, a).stat().st_size for a in ARRAYS},
+        }
+    write_text_atomic(work.marker(piece.index), json.dumps(stats, indent=1))
+    fault_point(f"prepare:piece-{piece.index:05d}:done")
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- running
+class Progress:
+    """Pieces done, MB/s and time left: a live bar on a terminal (stderr), else a line through `log` every
+    PROGRESS_EVERY_S seconds and at the end — no carriage-return bars in a log file."""
+
+    def __init__(self, pieces: Sequence[Piece], finished: Iterable[int], log: Callable[[str], None]):
+        from tqdm.auto import tqdm
+
+        finished = set(finished)
+        self.log, self.count, self.total = log, len(finished), len(pieces)
+        self.total_bytes = sum(p.nbytes for p in pieces)
+        self.done_bytes = sum(p.nbytes for p in pieces if p.index in finished)
+        self.run_bytes = 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = tqdm(total=self.total_bytes, initial=self.done_bytes, unit="B", unit_scale=True,
+                        unit_divisor=1024, desc="prepare", disable=None, dynamic_ncols=True)  # None: off unless a tty
+        self.format_interval = tqdm.format_interval
+
+    def update(self, nbytes: int) -> None:
+        self.count += 1
+        self.done_bytes += nbytes
+        self.run_bytes += nbytes
+        if not self.bar.disable:
+            self.bar.set_postfix_str(f"{self.count}/{self.total} pieces", refresh=False)
+            self.bar.update(nbytes)
+        elif time.monotonic() - self.last >= PROGRESS_EVERY_S or self.count == self.total:
+            self.last = time.monotonic()
+            self.log(self.line())
+
+    def line(self) -> str:
+        rate = self.run_bytes / max(time.monotonic() - self.t0, 1e-9)
+        left = self.format_interval((self.total_bytes - self.done_bytes) / rate) if rate else "?"
+        digits = 0 if self.total_bytes >= 100 * _MB else 2
+        return (f"prepare: {self.count}/{self.total} pieces, {self.done_bytes / _MB:.{digits}f} of "
+                f"{self.total_bytes / _MB:.{digits}f} MB, {rate / _MB:.2f} MB/s, {left} left")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _worker_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's: it stops handing out pieces
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker: the pool is the parallelism
+
+
+def run_pieces(cfg: PrepareConfig, todo: Sequence[Piece], work: WorkFolder, vocab: Path,
+               on_done: Callable[[dict], None]) -> None:
+    """make_piece for every piece of `todo`: on the Dask cluster, in a pool of processes, or here (one worker or
+    one piece); `on_done(stats)` in this process as each finishes, in any order."""
+    task = functools.partial(make_piece, cfg, work=work, vocab=str(vocab))
+    if cfg.dask_scheduler:
+        _run_on_dask(cfg.dask_scheduler, task, todo, on_done)
+        return
+    n = min(cfg.workers or cores(), len(todo))
+    if n <= 1:
+        for piece in todo:
+            on_done(task(piece))
+        return
+    # fork: the workers start at once and share the parent's pages (a fresh interpreter per worker would
+    # import torch again, ~150 MB each).
+    pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"), initializer=_worker_init)
+    try:
+        for future in as_completed([pool.submit(task, piece) for piece in todo]):
+            on_done(future.result())
+    except BrokenProcessPool:
+        raise RuntimeError("a worker process died (out of memory? try fewer --workers or a smaller --piece-mb); "
+                           "the pieces finished so far are kept: run the same command again to go on") from None
+    except KeyboardInterrupt:
+        print("fastbert-prepare: stopping once the pieces in progress are written ...", file=sys.stderr, flush=True)
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_on_dask(address: str, task: Callable[[Piece], dict], todo: Sequence[Piece],
+                 on_done: Callable[[dict], None]) -> None:
+    try:
+        from distributed import Client
+        from distributed import as_completed as dask_completed
+    except ImportError:
+        raise ValueError("--dask-scheduler needs Dask: pip install 'dask[distributed]'") from None
+    try:
+        client = Client(address, timeout="30s")
+    except OSError as e:  # TimeoutError included
+        raise ConnectionError(f"cannot reach the Dask scheduler at {address}: {e}") from None
+    with client:
+        futures = client.map(task, todo, pure=False)
+        try:
+            for future in dask_completed(futures):
+                on_done(future.result())
+        finally:
+            client.cancel(futures)
+
+
+def prepare_pieces(cfg: PrepareConfig, pieces: Sequence[Piece], work: WorkFolder, vocab: Path,
+                   log: Callable[[str], None]) -> list[dict]:
+    """Every piece's statistics, in order: the ones an earlier run of this command finished, the rest made now."""
+    results = {p.index: stats for p in pieces if (stats := work.finished(p)) is not None}
+    todo = [p for p in pieces if p.index not in results]
+    where = (f"on the Dask cluster at {cfg.dask_scheduler}" if cfg.dask_scheduler
+             else f"with {max(1, min(cfg.workers or cores(), len(todo)))} process(es)")
+    reused = f" ({len(results)} finished by an earlier run of this command)" if results else ""
+    log(f"preparing {len(todo)} of {len(pieces)} piece(s) of ≤ {cfg.piece_mb:g} MB {where}{reused}")
+    progress = Progress(pieces, results, log)
+
+    def on_done(stats: dict) -> None:
+        results[stats["piece"]["index"]] = stats
+        progress.update(stats["piece"]["nbytes"])
+
+    try:
+        run_pieces(cfg, todo, work, vocab, on_done)
+    finally:
+        progress.close()
+    return [results[p.index] for p in pieces]
+
+
+# ---------------------------------------------------------------------------------------------- output
+def split_totals(results: Sequence[dict]) -> dict:
+    """meta.json's `splits`: per split the totals and its shards in global order."""
+    splits = {}
+    for split in SPLITS:
+        per_piece = [(stats["piece"]["index"], stats["splits"][split]) for stats in results]
+        splits[split] = {
+            **{k: sum(s[k] for _, s in per_piece) for k in ("documents", "instances", "tokens", "random_next")},
+            "shards": [{"name": shard_name(split, i), "instances": s["instances"], "tokens": s["tokens"]}
+                       for i, s in per_piece],
+        }
+    return splits
+
+
+def check_counts(inputs: Sequence[str], results: Sequence[dict], splits: dict) -> None:
+    """ValueError for an input with no text, or a corpus too small to pair."""
+    documents: dict[str, int] = {}
+    for stats in results:
+        path = stats["piece"]["path"]
+        documents[path] = documents.get(path, 0) + sum(s["documents"] for s in stats["splits"].values())
+    for given in inputs:
+        if not documents.get(str(absolute(given))):
+            raise ValueError(f"input file {given} is empty (no text)")
+    if splits["train"]["documents"] < 2:
+        raise ValueError("need at least 2 documents for training to draw random next segments from, got "
+                         f"{splits['train']['documents']} (after {splits['heldout']['documents']} held out)")
+    if splits["train"]["instances"] == 0:
+        raise ValueError("the corpus produced no training instances")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)  # the work folder keeps its copy until the output is in place
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def assemble(cfg: PrepareConfig, inputs: Sequence[str], vocab: Path, given_vocab: Path | None,
+             results: Sequence[dict], work: WorkFolder, out_dir: Path) -> dict:
+    """The output folder from the finished pieces (folder-atomic, manifest last); returns its meta."""
+    tok = load_tokenizer(vocab, cfg.lowercase)
+    splits = split_totals(results)
+    check_counts(inputs, results, splits)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "config": {"inputs": list(inputs), "vocab": None if given_vocab is None else str(given_vocab),
+                   **{k: getattr(cfg, k) for k in OUTPUT_OPTIONS}},
+        "vocab_size": tok.get_vocab_size(),
+        "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
+        "max_seq_len": cfg.max_seq_len,
+        "input_bytes": sum(s["bytes"] for s in results),
+        "notes": {k: sum(s[k] for s in results) for k in ("long_sentences", "long_sentence_pieces", "cut_documents")},
+        "splits": splits,
+    }
+    with atomic_folder(out_dir, DATA_KIND, format_version=FORMAT_VERSION) as tmp:
+        (tmp / SHARD_DIR).mkdir()
+        for split in SPLITS:
+            for shard in splits[split]["shards"]:
+                for array in ARRAYS:
+                    _link_or_copy(shard_path(work.path, shard["name"], array), shard_path(tmp, shard["name"], array))
+        shutil.copyfile(vocab, tmp / "vocab.txt")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return meta
 
 
 def is_prepared(out_dir: str | os.PathLike) -> bool:
@@ -399,7 +531,7 @@ def data_format(out_dir: str | os.PathLike):
 
 def _is_own_output(folder: Path) -> bool:
     """A previous fastbert-prepare output: its manifest says so, or (written before manifests) it holds only the
-    files prepare writes, meta.json included."""
+    files prepare wrote then, meta.json included."""
     if manifest_kind(folder) == DATA_KIND:
         return True
     names = {p.name for p in folder.iterdir()}
@@ -416,12 +548,10 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: Sequence[str | os.Path
                          "folder, or pass --overwrite to replace it (its files are deleted)")
 
 
-def prepare(cfg: PrepareConfig, log=print) -> dict:
-    """Create the dataset directory described in the module docstring; returns its metadata.
-
-    Written to a temporary sibling directory and renamed at the end, so an interrupted run leaves nothing
-    that looks complete.
-    """
+# ---------------------------------------------------------------------------------------------- API
+def prepare(cfg: PrepareConfig, log: Callable[[str], None] = print) -> dict:
+    """Create the dataset directory described in the module docstring, resuming what an interrupted run of the
+    same command finished; returns its metadata."""
     cfg.validate()
     t0 = time.time()
     if cfg.inputs:
@@ -430,75 +560,34 @@ def prepare(cfg: PrepareConfig, log=print) -> dict:
         from fastbert.resources import wiki_corpus_path
 
         inputs = [str(wiki_corpus_path())]
-    vocab_path = Path(cfg.vocab) if cfg.vocab else (None if cfg.vocab_size else default_vocab_path())
-    if vocab_path is not None and not vocab_path.is_file():
-        raise FileNotFoundError(f"vocab file not found: {vocab_path}")
+    given_vocab = None if cfg.vocab_size else Path(cfg.vocab) if cfg.vocab else default_vocab_path()
+    if given_vocab is not None:
+        if not given_vocab.is_file():
+            raise FileNotFoundError(f"vocab file not found: {given_vocab}")
+        load_tokenizer(given_vocab, cfg.lowercase)  # a vocabulary it cannot use fails here, before any work
     out_dir = absolute(cfg.out_dir)
     recover(out_dir)
     check_out_dir(out_dir, cfg.overwrite, [*inputs, *([cfg.vocab] if cfg.vocab else [])])
-    docs_text = read_documents(inputs)
-    log(f"read {len(docs_text)} documents, {sum(map(len, docs_text))} sentences from {len(inputs)} file(s)")
-
-    with atomic_folder(out_dir, DATA_KIND, format_version=FORMAT_VERSION) as tmp:
-        if vocab_path is None:
-            vocab_path = train_vocab(docs_text, cfg.vocab_size, tmp, cfg.lowercase)
-            log(f"trained a WordPiece vocabulary of {cfg.vocab_size} on the corpus")
-        else:
-            shutil.copyfile(vocab_path, tmp / "vocab.txt")
-        tok = Tokenizer.from_file(tmp / "vocab.txt", lowercase=cfg.lowercase).backend_tokenizer
-        split_stats: dict = {}
-        docs = tokenize_documents(tok, docs_text, cfg.max_seq_len - 3, split_stats)
-        if split_stats["split_sentences"]:
-            log(f"note: {split_stats['split_sentences']} sentence(s) longer than {cfg.max_seq_len - 3} tokens (one "
-                f"giant 'sentence' each) were cut into {split_stats['split_pieces']} pieces")
-        if len(docs) < 2:
-            raise ValueError(f"need at least 2 non-empty documents, got {len(docs)}")
-
-        rng = random.Random(cfg.seed)
-        order = list(range(len(docs)))
-        rng.shuffle(order)
-        n_held = round(len(docs) * cfg.heldout_fraction)
-        if cfg.heldout_fraction > 0:
-            n_held = max(2, n_held)
-            if len(docs) - n_held < 2:
-                raise ValueError(
-                    f"{len(docs)} documents are too few for a held-out split of {cfg.heldout_fraction}; "
-                    "give more text or heldout_fraction=0"
-                )
-        split_docs = {"heldout": [docs[i] for i in order[:n_held]], "train": [docs[i] for i in order[n_held:]]}
-        counts = {}
-        for split in SPLITS:
-            if not split_docs[split]:
-                instances = []
-            else:
-                instances = create_instances(
-                    split_docs[split], cfg.max_seq_len, cfg.dupe_factor, cfg.short_seq_prob, rng,
-                    cfg.split_single_sentence,
-                )
-            write_split(tmp, split, instances, tok.get_vocab_size())
-            counts[split] = {
-                "documents": len(split_docs[split]),
-                "instances": len(instances),
-                "tokens": sum(len(a) + len(b) for a, b, _ in instances),
-                "random_next": sum(r for _, _, r in instances),
-            }
-        if counts["train"]["instances"] == 0:
-            raise ValueError("the corpus produced no training instances")
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "config": {**asdict(cfg), "inputs": inputs, "vocab": str(vocab_path)},
-            "vocab_size": tok.get_vocab_size(),
-            "special_ids": {t: tok.token_to_id(t) for t in SPECIAL_TOKENS},
-            "max_seq_len": cfg.max_seq_len,
-            "splits": counts,
-        }
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-    c = counts["train"]
+    pieces = plan_pieces([absolute(p) for p in inputs], max(1, int(cfg.piece_mb * _MB)))
+    work = WorkFolder(out_dir, work_key(cfg, inputs, pieces, given_vocab))
+    work.open()
+    vocab = resolve_vocab(cfg, given_vocab, pieces, work, log)
+    results = prepare_pieces(cfg, pieces, work, vocab, log)
+    fault_point("prepare:pieces-done")
+    meta = assemble(cfg, inputs, vocab, given_vocab, results, work, out_dir)
+    work.remove()
+    work.remove_abandoned()
+    notes, c, h = meta["notes"], meta["splits"]["train"], meta["splits"]["heldout"]
+    if notes["long_sentences"]:
+        log(f"note: {notes['long_sentences']} sentence(s) longer than {cfg.max_seq_len - 3} tokens (one giant "
+            f"'sentence' each) were cut into {notes['long_sentence_pieces']} pieces")
+    if notes["cut_documents"]:
+        log(f"note: {notes['cut_documents']} document(s) longer than a piece were cut at a piece boundary")
     log(
-        f"wrote {out_dir}: {c['instances']} train / {counts['heldout']['instances']} held-out instances "
-        f"of ≤ {cfg.max_seq_len} tokens ({c['tokens'] / max(1, c['instances']):.1f} tokens each, "
-        f"{c['random_next'] / max(1, c['instances']):.1%} random next) in {time.time() - t0:.1f} s"
+        f"wrote {out_dir}: {c['instances']} train / {h['instances']} held-out instances of ≤ {cfg.max_seq_len} "
+        f"tokens ({c['tokens'] / max(1, c['instances']):.1f} tokens each, "
+        f"{c['random_next'] / max(1, c['instances']):.1%} random next) from {c['documents']} + {h['documents']} "
+        f"documents, {meta['input_bytes'] / _MB:.1f} MB in {len(pieces)} piece(s), in {time.time() - t0:.1f} s"
     )
     return meta
 
@@ -509,8 +598,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fastbert-prepare",
         description="Make BERT pretraining instances (NSP pairs; masking happens at load time) from plain text.",
     )
-    p.add_argument("inputs", nargs="*", help="text files (one sentence per line, blank line between documents) "
-                   "or .json title→{extract} files; default: the embedded Wikipedia lead paragraphs")
+    p.add_argument("inputs", nargs="*", help="text files (one sentence or paragraph per line, a blank line between "
+                   "documents), .jsonl files (one {\"text\": ...} document per line) or .json title→{extract} "
+                   "files; default: the embedded Wikipedia lead paragraphs")
     add_config_arguments(p, PrepareConfig, exclude=("inputs",))
     return p
 
@@ -523,8 +613,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"fastbert-prepare: error: {e}", file=sys.stderr)
         return 2
+    except (OSError, RuntimeError) as e:
+        print(f"fastbert-prepare: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"fastbert-prepare: interrupted; {cfg.out_dir} is unchanged", file=sys.stderr)
+        print(f"fastbert-prepare: interrupted; {cfg.out_dir} is unchanged, the pieces finished so far are kept: "
+              "run the same command again to go on", file=sys.stderr)
         return 130
     return 0
 

@@ -132,7 +132,7 @@ class PretrainConfig:
     resume: bool = False  # continue from the newest good checkpoint in out_dir
     overwrite: bool = False  # replace an out_dir holding another run or other files (they are deleted)
     stop_at_step: int = 0  # stop (with a checkpoint) after this step, as a time-limited job would; 0 = off
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # tqdm progress bar (on a terminal only)
     demo: bool = False  # the CPU demo settings (DEMO below), applied over the preset
 
     def validate(self) -> None:
@@ -329,8 +329,8 @@ def data_fingerprint(data_dir: Path) -> dict[str, Any]:
     """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the sizes of its arrays and
     vocabulary (files added to the folder by hand do not count)."""
     meta = (data_dir / "meta.json").read_bytes()
-    files = {p.name: p.stat().st_size for p in sorted(data_dir.iterdir())
-             if p.is_file() and (p.suffix == ".npy" or p.name == "vocab.txt")}
+    files = {p.relative_to(data_dir).as_posix(): p.stat().st_size for p in sorted(data_dir.rglob("*"))
+             if p.is_file() and (p.suffix == ".npy" or p.name == "vocab.txt")}  # shards/ included
     return {"meta_sha256": hashlib.sha256(meta).hexdigest(), "files": files}
 
 
@@ -614,8 +614,10 @@ def _pretrain(cfg: PretrainConfig, info: distributed.DistInfo, stopper: Graceful
     window = torch.zeros(8, dtype=torch.float64, device=dev)
     window_steps, t_window = 0, time.perf_counter()
     last_eval: dict[str, float] = {}
-    bar = tqdm(total=end_step, initial=start_step, desc="pretrain", disable=not (cfg.progress and info.is_main),
-               dynamic_ncols=True)
+    # disable=None: the bar only on a terminal; in a log file (`make pretrain > log 2>&1`, a batch job) its every
+    # refresh would be a line, and the log lines every --log-every steps say the same.
+    bar = tqdm(total=end_step, initial=start_step, desc="pretrain", dynamic_ncols=True,
+               disable=None if cfg.progress and info.is_main else True)
 
     def save(step: int) -> Path | None:
         check_finite()  # never a checkpoint of NaN weights

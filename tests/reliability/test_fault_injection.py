@@ -166,7 +166,7 @@ def test_prepare_killed_at_every_step_is_old_or_new(corpus, tmp_path):
     with snapshots(tmp_path / "w", tmp_path / "snaps") as snap:
         new = prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "w" / "d"), seed=2, **common),
                            log=lambda m: None)
-    assert "prepare:train.tokens-written" in names(snap) and names(snap)[-5:] == SWAP_STEPS[1:]
+    assert "prepare:piece-00000:train.tokens-written" in names(snap) and names(snap)[-5:] == SWAP_STEPS[1:]
     seen = set()
     for name, copy in snap.taken:
         d = copy / "d"
@@ -186,11 +186,11 @@ def test_prepare_sigkill_mid_write_leaves_the_old_output(corpus, tmp_path):
     argv = [str(corpus / "corpus.txt"), "--vocab", str(corpus / "vocab.txt"), "--max-seq-len", "32",
             "--dupe-factor", "1", "--out-dir", str(out)]
     prep.main([*argv, "--seed", "1"])
-    before = {p.name: sha(p) for p in out.iterdir()}
+    before = {p.relative_to(out): sha(p) for p in out.rglob("*") if p.is_file()}
     proc = run_python(f"import sys\nfrom train.prepare import main\nsys.exit(main({[*argv, '--seed', '2']!r}))",
-                      fault="prepare:train.tokens-written")
+                      fault="prepare:piece-00000:train.tokens-written")
     assert proc.returncode == -9, proc.stderr[-2000:]
-    assert {p.name: sha(p) for p in out.iterdir()} == before
+    assert {p.relative_to(out): sha(p) for p in out.rglob("*") if p.is_file()} == before
 
 
 # ---------------------------------------------------------------------------------------------- fine-tune output

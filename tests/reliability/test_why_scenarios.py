@@ -180,7 +180,7 @@ def test_resume_with_another_dataset_is_refused(corpus, tmp_path):
     prep.prepare(prep.PrepareConfig(out_dir=str(other), inputs=(str(corpus / "corpus.txt"),),
                                     vocab=str(corpus / "vocab.txt"), max_seq_len=32, dupe_factor=2,
                                     heldout_fraction=0.05), log=lambda m: None)
-    with pytest.raises(ValueError, match=r"dataset: .* \(files .*train.tokens.npy.* differ in size\)"):
+    with pytest.raises(ValueError, match=r"dataset: .* \(files .*shards/train-00000.tokens.npy.* differ in size\)"):
         pretrain(PretrainConfig(**{**run_opts(corpus, out), "data_dir": str(other)}, resume=True))
 
 
@@ -189,14 +189,14 @@ def test_truncated_train_tokens_is_named(corpus, tmp_path, capsys):
     prep.prepare(prep.PrepareConfig(out_dir=str(data), inputs=(str(corpus / "corpus.txt"),),
                                     vocab=str(corpus / "vocab.txt"), max_seq_len=32, dupe_factor=1,
                                     heldout_fraction=0.05), log=lambda m: None)
-    tokens = data / "train.tokens.npy"
+    tokens = data / "shards" / "train-00000.tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[:-50])
     assert pretrain_main(flags({**run_opts(corpus, tmp_path / "run"), "data_dir": str(data)})) == 2
     assert str(tokens) in capsys.readouterr().err
     from train.dataset import PretrainingDataset
 
     (data / "fastbert-manifest.json").unlink()  # without the manifest the loader itself names it
-    with pytest.raises(ValueError, match="train.tokens.npy is truncated or corrupt"):
+    with pytest.raises(ValueError, match="train-00000.tokens.npy is truncated or corrupt"):
         PretrainingDataset(data, "train")
 
 

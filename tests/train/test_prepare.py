@@ -1,5 +1,6 @@
-"""Pretraining data: sentence splitting, instance creation, the stored format, dynamic masking, batch order,
-and clear errors on bad input."""
+"""Pretraining data: sentence splitting, instance creation (Google's rules), the sharded format read back with
+numpy, the embedded corpus prepared in pieces against the one-piece figures, and clear errors on bad input.
+(The loader's masking tests at the end read the data through train/dataset.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from tests.helpers import require
+from tests.train.prepared_data import MARKER_BASE, WORDS, instances, read_split, write_corpus, write_vocab
+from train import instances as inst
 from train import prepare as prep
 from train.dataset import (
     IGNORE_INDEX,
@@ -19,38 +22,33 @@ from train.dataset import (
     default_max_predictions,
     mask_tokens,
 )
-
-WORDS = [f"w{i}" for i in range(40)]
-
-
-def write_vocab(path, n_docs: int) -> None:
-    tokens = list(prep.SPECIAL_TOKENS) + WORDS + [f"d{i}" for i in range(n_docs)] + [".", ","]
-    path.write_text("\n".join(tokens) + "\n")
-
-
-def write_corpus(path, n_docs: int, seed: int = 0, sentences=(6, 14), words=(3, 9)) -> None:
-    """Documents of short sentences; every sentence of document k carries the marker word `dk`."""
-    rng = random.Random(seed)
-    docs = []
-    for k in range(n_docs):
-        lines = []
-        for _ in range(rng.randint(*sentences)):
-            body = [rng.choice(WORDS) for _ in range(rng.randint(*words))]
-            body.insert(rng.randrange(len(body) + 1), f"d{k}")
-            lines.append(" ".join(body) + " .")
-        docs.append("\n".join(lines))
-    path.write_text("\n\n".join(docs) + "\n")
+from train.pieces import split_sentences
+from train.shards import ARRAYS, FORMAT_VERSION, shard_path
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
+    """120 documents of ~300 bytes prepared at T = 48 in pieces of 3 KB (12 shards per split)."""
     root = tmp_path_factory.mktemp("prep")
     write_vocab(root / "vocab.txt", 120)
     write_corpus(root / "corpus.txt", 120)
     cfg = prep.PrepareConfig(out_dir=str(root / "data"), inputs=(str(root / "corpus.txt"),),
-                             vocab=str(root / "vocab.txt"), max_seq_len=48, dupe_factor=3, heldout_fraction=0.1)
+                             vocab=str(root / "vocab.txt"), max_seq_len=48, dupe_factor=3, heldout_fraction=0.1,
+                             piece_mb=3 / 1024, workers=1)
     meta = prep.prepare(cfg, log=lambda m: None)
     return root, meta
+
+
+def token_docs(docs) -> inst.TokenDocs:
+    out = inst.TokenDocs()
+    for d in docs:
+        out.add(d)
+    return out
+
+
+def as_lists(docs: inst.TokenDocs, instances_) -> list[tuple[list[int], list[int], bool]]:
+    toks = docs.tokens.tolist()
+    return [(toks[a0:a1], toks[b0:b1], r) for a0, a1, b0, b1, r in instances_]
 
 
 # ---------------------------------------------------------------------------------------------- sentences
@@ -58,7 +56,7 @@ def test_split_sentences_rules():
     text = ('2001: A Space Odyssey is a film by Stanley Kubrick, who wrote it with Arthur C. Clarke.  Its plot '
             'was inspired by "The Sentinel" (1951). The U.S. Navy, e.g. Mr. Smith, went home! Did he? "Yes." '
             'Then 3 more came.')
-    assert prep.split_sentences(text) == [
+    assert split_sentences(text) == [
         "2001: A Space Odyssey is a film by Stanley Kubrick, who wrote it with Arthur C. Clarke.",
         'Its plot was inspired by "The Sentinel" (1951).',
         "The U.S. Navy, e.g. Mr. Smith, went home!",
@@ -66,58 +64,53 @@ def test_split_sentences_rules():
         '"Yes."',
         "Then 3 more came.",
     ]
-    assert prep.split_sentences("   ") == []
-    assert prep.split_sentences("no final stop") == ["no final stop"]
-
-
-def test_embedded_wikipedia_reads():
-    path = require("wiki_corpus")
-    docs = prep.read_json_documents(path)
-    assert len(docs) > 10000
-    n_sent = sum(map(len, docs))
-    assert 2.5 * len(docs) < n_sent < 6 * len(docs)  # lead paragraphs: a few sentences each
-    assert all(s and s == s.strip() for d in docs[:200] for s in d)
+    assert split_sentences("   ") == []
+    assert split_sentences("no final stop") == ["no final stop"]
 
 
 # ---------------------------------------------------------------------------------------------- instances
 def test_instances_invariants(corpus):
     root, meta = corpus
     data = root / "data"
-    assert meta["max_seq_len"] == 48 and meta["special_ids"]["[CLS]"] == 2
+    assert meta["format_version"] == FORMAT_VERSION == 3 and meta["max_seq_len"] == 48
+    assert meta["special_ids"]["[CLS]"] == 2
     assert (data / "vocab.txt").read_text() == (root / "vocab.txt").read_text()
     for split in prep.SPLITS:
-        offsets = np.load(data / f"{split}.offsets.npy")
-        len_a = np.load(data / f"{split}.len_a.npy")
-        lengths = np.diff(offsets)
-        assert len(len_a) == meta["splits"][split]["instances"] > 0
-        assert np.all(len_a >= 1) and np.all(lengths - len_a >= 1)  # both segments non-empty
+        shards = meta["splits"][split]["shards"]
+        assert len(shards) > 10 and [s["name"] for s in shards] == [f"{split}-{k:05d}" for k in range(len(shards))]
+        s = read_split(data, split)
+        lengths = np.diff(s["offsets"])
+        assert len(s["len_a"]) == meta["splits"][split]["instances"] == sum(x["instances"] for x in shards) > 0
+        assert len(s["tokens"]) == meta["splits"][split]["tokens"]
+        assert int(s["is_random_next"].sum()) == meta["splits"][split]["random_next"]
+        assert np.all(s["len_a"] >= 1) and np.all(lengths - s["len_a"] >= 1)  # both segments non-empty
         assert lengths.max() <= 48 - 3  # room for [CLS] and two [SEP]
-        assert np.load(data / f"{split}.tokens.npy").dtype == np.uint16
+        assert s["tokens"].dtype == np.uint16 and s["offsets"].dtype == np.int64 and s["len_a"].dtype == np.int32
     # Most instances fill the length; short_seq_prob=0.1 (plus document ends) makes some shorter.
-    lengths = np.diff(np.load(data / "train.offsets.npy"))
+    lengths = np.diff(read_split(data, "train")["offsets"])
     assert 0.5 < np.mean(lengths >= 40) < 0.97
 
 
 def test_nsp_pairs_come_from_the_right_documents(corpus):
     root, meta = corpus
-    ds = PretrainingDataset(root / "data", "train")
-    n = len(ds)
-    marker_base = 5 + len(WORDS)  # ids of d0, d1, ... in the test vocabulary
+    pairs = instances(root / "data", "train")
     same_doc_for_continuation = 0
-    for i in range(n):
-        ids, types, _, is_random = ds.instance(i)
-        la = int(ds.len_a[i])
-        docs_a = {int(t) - marker_base for t in ids[1:la + 1] if t >= marker_base and t < marker_base + 120}
-        docs_b = {int(t) - marker_base for t in ids[la + 2:-1] if t >= marker_base and t < marker_base + 120}
+
+    def markers(segment):
+        return {t - MARKER_BASE for t in segment if MARKER_BASE <= t < MARKER_BASE + 120}
+
+    for a, b, is_random in pairs:
+        docs_a, docs_b = markers(a), markers(b)
         assert len(docs_a) <= 1  # A is consecutive text of one document
         if not is_random and docs_a and docs_b:
             assert docs_a == docs_b  # the true continuation comes from the same document
             same_doc_for_continuation += 1
         if is_random and docs_a and docs_b:
-            assert docs_a != docs_b  # a random B comes from another document
-    assert same_doc_for_continuation > n // 4
+            assert docs_a != docs_b  # a random B comes from another document (of the same piece)
+    assert same_doc_for_continuation > len(pairs) // 4
     # Above half: a document's last chunk is often one sentence, which always takes a random B.
-    assert 0.5 < ds.is_random_next.mean() < 0.7, ds.is_random_next.mean()
+    share = np.mean([r for _, _, r in pairs])
+    assert 0.5 < share < 0.7, share
 
 
 # A second port of Google's create_pretraining_data.py selection rules, written separately from the package's
@@ -175,9 +168,14 @@ def pair_statistics(pairs, room):
 def test_instances_follow_google_selection_rules_in_distribution():
     docs = short_token_documents(600, seed=1)
     T = 64
-    ours = [p for s in range(4) for p in prep.create_instances(docs, T, 1, 0.1, random.Random(100 + s))]
+    flat = token_docs(docs)
+
+    def ours(seed, split_single_sentence=False):
+        return as_lists(flat, inst.create_instances(flat, T, 1, 0.1, random.Random(seed), split_single_sentence))
+
+    mine = [p for s in range(4) for p in ours(100 + s)]
     theirs = [p for s in range(4) for p in google_pairs(docs, T, 0.1, random.Random(200 + s))]
-    a, b = pair_statistics(ours, T - 3), pair_statistics(theirs, T - 3)
+    a, b = pair_statistics(mine, T - 3), pair_statistics(theirs, T - 3)
     # The instance counts differ only through the random draws: within a few percent.
     assert abs(a["n"] - b["n"]) < 0.03 * b["n"], (a["n"], b["n"])
     # Random-next fraction: two binomial estimates, 4 standard errors of their difference (instances of a
@@ -190,8 +188,10 @@ def test_instances_follow_google_selection_rules_in_distribution():
     assert abs(a["mean_len"] - b["mean_len"]) < 4 * se_len, (a["mean_len"], b["mean_len"])
     se_full = np.sqrt(b["full"] * (1 - b["full"]) * (1 / a["n"] + 1 / b["n"]))
     assert abs(a["full"] - b["full"]) < 4 * se_full + 0.01, (a["full"], b["full"])
+    # B of a random pair comes from another document (ids trace documents here).
+    assert all(a_[0] != b_[0] for a_, b_, r in mine if r)
     # The earlier variant (cut one-sentence chunks) is the named option and gives a clearly different share.
-    cut = [p for s in range(2) for p in prep.create_instances(docs, T, 1, 0.1, random.Random(s), True)]
+    cut = [p for s in range(2) for p in ours(s, True)]
     assert pair_statistics(cut, T - 3)["random_next"] < a["random_next"] - 0.08
 
 
@@ -200,7 +200,8 @@ def test_segments_end_at_sentence_ends():
     rng = random.Random(3)
     docs = [[[1000 * d + 10 * k + j for j in range(rng.randint(2, 9))] for k in range(rng.randint(1, 8))]
             for d in range(80)]
-    pairs = prep.create_instances(docs, 40, 2, 0.1, random.Random(5))
+    flat = token_docs(docs)
+    pairs = as_lists(flat, inst.create_instances(flat, 40, 2, 0.1, random.Random(5)))
     whole = 0
     for a, b, random_next in pairs:
         if len(a) + len(b) == 37:  # may have been trimmed: nothing to check at the ends
@@ -215,76 +216,128 @@ def test_segments_end_at_sentence_ends():
     assert whole > 50
 
 
-def test_embedded_wikipedia_random_next_share():
-    """Google's rule on the embedded lead paragraphs at 128 tokens: about 64 % random-next pairs."""
-    from fastbert.resources import ResourceNotFound, wiki_corpus_path
+def test_truncate_seq_pair_tie_trims_b():
+    """Google: `trunc_tokens = tokens_a if len(tokens_a) > len(tokens_b) else tokens_b` — on a tie, B."""
+    for seed in range(8):
+        a, b = [0, 5], [10, 15]
+        inst.truncate_seq_pair(a, b, 9, random.Random(seed))
+        assert a == [0, 5] and b[1] - b[0] == 4, (a, b)
+        a, b = [0, 6], [10, 15]  # A longer: A loses one, then the tie (5, 5) costs B one
+        inst.truncate_seq_pair(a, b, 9, random.Random(seed))
+        assert (a[1] - a[0], b[1] - b[0]) == (5, 4)
 
-    try:
-        path = wiki_corpus_path()
-    except ResourceNotFound as e:
-        pytest.skip(str(e))
-    from fastbert.tokenizer import Tokenizer
 
-    docs_text = prep.read_json_documents(path)[:3000]
-    tok = Tokenizer.from_file(prep.default_vocab_path()).backend_tokenizer
-    docs = prep.tokenize_documents(tok, docs_text)
-    pairs = prep.create_instances(docs, 128, 1, 0.1, random.Random(0))
-    share = np.mean([r for _, _, r in pairs])
-    assert 0.60 < share < 0.68, share
+def test_random_b_stops_at_target_length():
+    """B takes sentences until it holds at least the target: a sentence that reaches it exactly ends B."""
+    docs = token_docs([[[1, 1, 1]], [[2] * 4] * 6])  # document 1: six sentences of 4 tokens
+    seen = set()
+    for seed in range(40):
+        lo, hi = inst._random_b(docs, 0, 8, random.Random(seed))
+        seen.add(hi - lo)
+        assert docs.tokens[lo:hi].tolist() == [2] * (hi - lo)
+    # 8 tokens (two sentences reach the target exactly), or 4 when B starts at the last sentence; never 12.
+    assert seen == {4, 8}, seen
+
+
+def test_instances_of_a_lone_document_take_b_from_itself():
+    """A piece (or split) with one document: Google's 10 draws cannot avoid it, B comes from the same text."""
+    docs = token_docs([[[d] * 5 for d in range(1, 9)]])
+    pairs = as_lists(docs, inst.create_instances(docs, 16, 2, 0.0, random.Random(0)))
+    assert pairs and all(a and b and len(a) + len(b) <= 13 for a, b, _ in pairs)
+    assert inst.create_instances(token_docs([]), 16, 2, 0.0, random.Random(0)) == []
+
+
+# ---------------------------------------------------------------------------------------------- embedded corpus
+# The one-piece figures of the previous preparation (one process, every document in memory, held-out documents
+# by a shuffle) on the embedded corpus at T = 128, dupe_factor 1, seed 12345: 17,772 instances from 4.886 MB of
+# text (3,637.7 per MB), 89.14 tokens per instance, 64.65 % random next. (At dupe_factor 5: 18,147 per MB,
+# 89.23 tokens, 64.65 %.)
+ONE_PIECE = {"instances_per_mb": 3637.7, "tokens_per_instance": 89.14, "random_next": 0.6465}
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded Wikipedia corpus prepared once in four pieces of 1.25 MB by two worker processes."""
+    require("wiki_corpus")
+    require("minilm")
+    out = tmp_path_factory.mktemp("embedded") / "wiki"
+    meta = prep.prepare(prep.PrepareConfig(out_dir=str(out), max_seq_len=128, dupe_factor=1, piece_mb=1.25,
+                                           workers=2), log=lambda m: None)
+    return out, meta
+
+
+def test_embedded_corpus_in_pieces_keeps_the_one_piece_statistics(embedded):
+    out, meta = embedded
+    splits = meta["splits"]
+    assert len(splits["train"]["shards"]) == len(splits["heldout"]["shards"]) == 4
+    n = sum(s["instances"] for s in splits.values())
+    ours = {"instances_per_mb": n / (meta["input_bytes"] / 1e6),
+            "tokens_per_instance": sum(s["tokens"] for s in splits.values()) / n,
+            "random_next": sum(s["random_next"] for s in splits.values()) / n}
+    for k, v in ONE_PIECE.items():
+        assert abs(ours[k] / v - 1) < 0.03, (k, ours[k], v)
+    documents = splits["train"]["documents"] + splits["heldout"]["documents"]
+    assert documents > 10000 and 150 < splits["heldout"]["documents"] < 260  # ~2 % held out, by hash
+    assert 4.8e6 < meta["input_bytes"] < 5e6  # the text of the extracts
+    s = read_split(out, "heldout")
+    assert len(s["len_a"]) == splits["heldout"]["instances"] and np.diff(s["offsets"]).max() <= 125
 
 
 def test_heldout_documents_are_disjoint_from_training(corpus):
     root, meta = corpus
-    marker_base = 5 + len(WORDS)
 
     def doc_markers(split):
-        toks = np.load(root / "data" / f"{split}.tokens.npy").astype(int)
-        return set(toks[(toks >= marker_base) & (toks < marker_base + 120)].tolist())
+        toks = read_split(root / "data", split)["tokens"].astype(int)
+        return set(toks[(toks >= MARKER_BASE) & (toks < MARKER_BASE + 120)].tolist())
 
     held, train = doc_markers("heldout"), doc_markers("train")
-    assert meta["splits"]["heldout"]["documents"] == 12 and len(held) == 12
-    assert not held & train
-
-
-def test_deterministic_given_seed(corpus, tmp_path):
-    root, _ = corpus
-    cfg = prep.PrepareConfig(out_dir=str(tmp_path / "again"), inputs=(str(root / "corpus.txt"),),
-                             vocab=str(root / "vocab.txt"), max_seq_len=48, dupe_factor=3, heldout_fraction=0.1)
-    prep.prepare(cfg, log=lambda m: None)
-    for name in ("train.tokens.npy", "train.len_a.npy", "heldout.is_random_next.npy"):
-        np.testing.assert_array_equal(np.load(root / "data" / name), np.load(tmp_path / "again" / name))
+    assert 4 <= meta["splits"]["heldout"]["documents"] <= 22 and len(held) == meta["splits"]["heldout"]["documents"]
+    assert not held & train and len(held | train) == 120
+    # The held-out choice is a hash of the document's text and the seed: the same documents for any pieces.
+    sentences = [[f"w1 w{k} ."] for k in range(400)]
+    chosen = [prep.is_heldout(s, 12345, 0.1) for s in sentences]
+    assert 20 < sum(chosen) < 60 and chosen == [prep.is_heldout(s, 12345, 0.1) for s in sentences]
+    assert chosen != [prep.is_heldout(s, 1, 0.1) for s in sentences]
 
 
 def test_train_new_vocabulary(corpus, tmp_path):
     root, _ = corpus
+    said = []
     cfg = prep.PrepareConfig(out_dir=str(tmp_path / "v"), inputs=(str(root / "corpus.txt"),), vocab_size=150,
-                             max_seq_len=32, dupe_factor=1, heldout_fraction=0.0)
-    meta = prep.prepare(cfg, log=lambda m: None)
+                             max_seq_len=32, dupe_factor=1, heldout_fraction=0.0, vocab_sample_mb=0.01,
+                             piece_mb=0.005)
+    meta = prep.prepare(cfg, log=said.append)
     vocab = (tmp_path / "v" / "vocab.txt").read_text().split()
-    assert meta["vocab_size"] == len(vocab) <= 150
+    assert meta["vocab_size"] == len(vocab) <= 150 and meta["config"]["vocab"] is None
     assert all(t in vocab for t in prep.SPECIAL_TOKENS) and "w7" in vocab
     assert meta["splits"]["heldout"]["instances"] == 0 and meta["splits"]["train"]["instances"] > 0
-    # The same ids in another process (the trainer's own order of equal-frequency tokens is hash order).
-    import subprocess
-    import sys
-
-    code = ("import sys; from pathlib import Path; from train import prepare as p; "
-            "p.train_vocab(p.read_documents([sys.argv[1]]), 150, Path(sys.argv[2]))")
-    subprocess.run([sys.executable, "-c", code, str(root / "corpus.txt"), str(tmp_path / "again")], check=True,
-                   cwd=str(prep.Path(prep.__file__).resolve().parents[1]))
-    assert (tmp_path / "again" / "vocab.txt").read_text().split() == vocab
+    # Special tokens first, the rest sorted: the trainer's own order of equal-frequency tokens is hash order
+    # (that the same tokens come out in another process is checked by the kill-and-resume test).
     assert vocab[:5] == list(prep.SPECIAL_TOKENS) and vocab[5:] == sorted(vocab[5:])
+    # A bounded sample: about 0.01 MB spread over the corpus's 7 pieces, and the log says how much it read.
+    line = next(m for m in said if m.startswith("trained a WordPiece vocabulary"))
+    assert "documents) of the corpus's 0.034 MB" in line, line
+    read_mb = float(line.split(" on ")[1].split(" MB")[0])
+    assert 0.01 <= read_mb <= 0.013, line
 
 
-def test_json_input(tmp_path, corpus):
+def test_json_and_json_lines_input(tmp_path, corpus):
     root, _ = corpus
     entries = {f"T{k}": {"title": f"T{k}", "extract": " ".join(f"w{k} w{j} d{k}." for j in range(6))}
                for k in range(10)}
     (tmp_path / "wiki.json").write_text(json.dumps(entries))
-    meta = prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "j"), inputs=(str(tmp_path / "wiki.json"),),
-                                           vocab=str(root / "vocab.txt"), max_seq_len=16, dupe_factor=1,
-                                           heldout_fraction=0.0), log=lambda m: None)
-    assert meta["splits"]["train"]["documents"] == 10
+    (tmp_path / "wiki.jsonl").write_text("".join(json.dumps({"id": k, "text": e["extract"]}) + "\n"
+                                                 for k, e in enumerate(entries.values())))
+    common = dict(vocab=str(root / "vocab.txt"), max_seq_len=16, dupe_factor=1, heldout_fraction=0.0)
+    metas = {out: prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / out), inputs=(str(tmp_path / name),),
+                                                  piece_mb=piece_mb, **common), log=lambda m: None)
+             for out, name, piece_mb in (("many", "wiki.json", 0.0001), ("json", "wiki.json", 1.0),
+                                         ("jsonl", "wiki.jsonl", 1.0))}
+    for meta in metas.values():
+        assert meta["splits"]["train"]["documents"] == 10
+    assert len(metas["many"]["splits"]["train"]["shards"]) > 3 and len(metas["json"]["splits"]["train"]["shards"]) == 1
+    # The same documents in one piece: the same instances from either format.
+    assert instances(tmp_path / "json", "train") == instances(tmp_path / "jsonl", "train")
 
 
 # ---------------------------------------------------------------------------------------------- masking
@@ -453,8 +506,8 @@ def test_errors_on_bad_files(tmp_path, corpus):
     with pytest.raises(ValueError, match="empty"):
         run([tmp_path / "empty.txt"])
     (tmp_path / "blank.txt").write_text("\n \n\t\n")
-    with pytest.raises(ValueError, match="empty"):
-        run([tmp_path / "blank.txt"])
+    with pytest.raises(ValueError, match="blank.txt is empty"):
+        run([root / "corpus.txt", tmp_path / "blank.txt"])
     (tmp_path / "empty.json").write_text("{}")
     with pytest.raises(ValueError, match="no documents"):
         run([tmp_path / "empty.json"])
@@ -467,6 +520,9 @@ def test_errors_on_bad_files(tmp_path, corpus):
     (tmp_path / "noextract.json").write_text('{"a": {"title": "a"}}')
     with pytest.raises(ValueError, match="'extract'"):
         run([tmp_path / "noextract.json"])
+    (tmp_path / "bad.jsonl").write_text('{"text": "w1 w2 ."}\n{"title": "no text"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: the line at byte 20 is not a JSON object with a 'text'"):
+        run([tmp_path / "bad.jsonl"])
     (tmp_path / "one.txt").write_text("w1 w2 .\nw3 w4 .\n")
     with pytest.raises(ValueError, match="at least 2"):
         run([tmp_path / "one.txt"], heldout_fraction=0.0)
@@ -479,17 +535,17 @@ def test_errors_on_bad_files(tmp_path, corpus):
     with pytest.raises(ValueError, match="lacks the special tokens"):
         prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "o"), inputs=(str(root / "corpus.txt"),),
                                         vocab=str(tmp_path / "novocab.txt")), log=lambda m: None)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()  # nothing half-written
-    with pytest.raises(FileNotFoundError, match="fastbert-prepare"):
-        PretrainingDataset(tmp_path)
-    with pytest.raises(ValueError, match="split"):
-        PretrainingDataset(root / "data", "test")
+    # Nothing half-written: no output, no temporary folder; only the hidden work folders of the runs that got
+    # as far as preparing pieces, kept for the next run (removed by the next complete one).
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".")) == [".out.work"] * 3
+    assert not (tmp_path / "out").exists() and not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("bad, match", [
     (dict(max_seq_len=4), "max_seq_len"), (dict(dupe_factor=0), "dupe_factor"),
     (dict(short_seq_prob=1.5), "short_seq_prob"), (dict(heldout_fraction=0.7), "heldout_fraction"),
-    (dict(vocab="v.txt", vocab_size=100), "not both"), (dict(vocab_size=-1), "vocab_size"),
+    (dict(vocab="v.txt", vocab_size=200), "not both"), (dict(vocab_size=-1), "vocab_size"),
+    (dict(vocab_size=50), "at least 105"), (dict(piece_mb=0), "piece_mb"), (dict(workers=-1), "workers"),
 ])
 def test_errors_on_bad_options(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -500,9 +556,17 @@ def test_cli(tmp_path, corpus, capsys):
     root, _ = corpus
     out = tmp_path / "cli"
     rc = prep.main([str(root / "corpus.txt"), "--vocab", str(root / "vocab.txt"), "--out-dir", str(out),
-                    "--max-seq-len", "24", "--dupe-factor", "1"])
+                    "--max-seq-len", "24", "--dupe-factor", "1", "--piece-mb", "0.012", "--workers", "1"])
     assert rc == 0 and prep.is_prepared(out)
     assert json.loads((out / "meta.json").read_text())["max_seq_len"] == 24
+    said = capsys.readouterr()
+    # Not a terminal: plain progress lines (the last one at least), no carriage-return bar.
+    assert "prepare: 3/3 pieces, 0.03 of 0.03 MB," in said.out and " MB/s, 00:00 left" in said.out
+    assert "\r" not in said.out + said.err
+    assert {p.name for p in tmp_path.iterdir()} == {"cli"}  # the work folder is gone
+    assert {p.name for p in out.iterdir()} == {"fastbert-manifest.json", "meta.json", "vocab.txt", "shards"}
+    assert len(list((out / "shards").iterdir())) == 3 * 2 * len(ARRAYS)
+    assert shard_path(out, "heldout-00002", "tokens").is_file()
     (tmp_path / "empty.txt").write_text("")
     rc = prep.main([str(tmp_path / "empty.txt"), "--vocab", str(root / "vocab.txt"), "--out-dir", str(out)])
     assert rc == 2 and "empty" in capsys.readouterr().err
