@@ -17,9 +17,11 @@ The rule (Google's `create_pretraining_data.py`), per sequence of n tokens ([CLS
               it fits in k; a word that would overflow k is skipped and the next tried (Google's rule); a `##`
               piece right after [SEP] starts a word (Google's code would join it to segment A's last word).
 
-Caution: the random replacement is drawn as ⌊(32 random bits) · |random_ids| / 2³²⌋, uniform up to a bias of
-|random_ids| / 2³² (7e-6 for BERT's vocabulary). Ties between two 64-bit hashes of one row (probability ~T²/2⁶⁵)
-are broken by argsort's order.
+Positions (and words) are ranked by 32-bit keys, which numpy sorts and partitions far faster than 64-bit ones:
+31 bits of the position's hash with the column in the lowest ⌈log2 T⌉ of them, so keys never tie.
+
+Caution: two candidates whose 31 − ⌈log2 T⌉ random bits tie (24 bits at T = 128, 22 at 512) are ranked by column,
+and the random replacement is drawn as ⌊(32 random bits) · |random_ids| / 2³²⌋: both biases are below 1e-5.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ CHOOSE, REPLACE = _U64(0x243F6A8885A308D3), _U64(0x13198A2E03707344)
 _MASK_BELOW = _U64(int(0.8 * 2**32))  # of the top 32 bits of the REPLACE hash: [MASK] below 0.8 · 2³²,
 _RANDOM_BELOW = _U64(int(0.9 * 2**32))  # a random token from 0.8 to 0.9 · 2³², unchanged above
 _LOW32 = _U64(0xFFFFFFFF)
-_NEVER = np.iinfo(np.uint64).max  # the hash of a position that cannot be chosen
+_NEVER = np.uint32(0xFFFFFFFF)  # the rank key of a position that cannot be chosen (a candidate's is below 2³¹)
 
 
 def default_max_predictions(max_seq_len: int, mask_prob: float = 0.15) -> int:
@@ -79,16 +81,51 @@ def position_hash(keys: np.ndarray, positions: np.ndarray, stream: np.uint64) ->
     return _mix(z)
 
 
-def _k_smallest(h: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """bool [B, T]: the k[b] smallest entries of each row of h (uint64 [B, T]); k[b] <= the row's entries
-    below `_NEVER`."""
-    B, T = h.shape
+def _rank_keys(h: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.uint32]:
+    """(uint32 [B, T] keys in random order, distinct within a row: 31 bits of the hash h (uint64 [B, T]) with the
+    column in the low bits — `_NEVER` where `candidates` (bool [B, T]) is False —, the mask of the column bits)."""
+    T = h.shape[1]
+    low = np.uint32((1 << max(1, (T - 1).bit_length())) - 1)
+    key = (h >> _U64(33)).astype(np.uint32)
+    key &= ~low
+    key |= np.arange(T, dtype=np.uint32)
+    key[~candidates] = _NEVER
+    return key, low
+
+
+def _k_smallest(key: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """bool [B, T]: the k[b] smallest keys of each row (uint32 [B, T], distinct within a row); k[b] <= the row's
+    keys below `_NEVER`."""
+    B, T = key.shape
     kmax = int(k.max(initial=0))
     if kmax == 0:
         return np.zeros((B, T), dtype=bool)
-    low = np.sort(np.partition(h, kmax - 1, axis=1)[:, :kmax] if kmax < T else h, axis=1)  # (B, kmax)
-    threshold = low[np.arange(B), np.maximum(k, 1) - 1]  # the k-th smallest hash of each row
-    return (h <= threshold[:, None]) & (k > 0)[:, None]
+    low = np.sort(np.partition(key, kmax - 1, axis=1)[:, :kmax] if kmax < T else key, axis=1)  # (B, kmax)
+    threshold = low[np.arange(B), np.maximum(k, 1) - 1]  # the k-th smallest key of each row
+    return (key <= threshold[:, None]) & (k > 0)[:, None]
+
+
+def _greedy_fit(size: np.ndarray, n_words: np.ndarray, k: np.ndarray, never: int) -> tuple[np.ndarray, np.ndarray]:
+    """Google's fit: words taken in order while each fits in k, one that would overflow skipped. size int64 [m, B]
+    (tokens of each row's words, in its order); n_words [B] (ranks past it are not words; `never` > any k).
+    Returns (taken bool [m, B], tokens taken [B])."""
+    m, B = size.shape
+    size[np.arange(m)[:, None] >= n_words] = never
+    # Up to the first word that does not fit, the fit takes a prefix of the order (a cumsum); from there one word
+    # rank at a time across all rows, until every row is full or out of words.
+    total = np.cumsum(size, axis=0)  # (m, B)
+    taken = total <= k
+    first_miss = taken.sum(0)  # (B,) rank of the first word that does not fit
+    count = np.where(first_miss > 0, total[np.maximum(first_miss, 1) - 1, np.arange(B)], 0)
+    last = n_words - 1
+    for j in range(int(first_miss.min(initial=m)), m):
+        if ((count >= k) | (last < j)).all():
+            break
+        grown = count + size[j]
+        fits = (grown <= k) & (j > first_miss)  # ranks before a row's first miss are its prefix
+        taken[j] |= fits
+        np.copyto(count, grown, where=fits)
+    return taken, count
 
 
 def _whole_words(h: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, k: np.ndarray) -> np.ndarray:
@@ -98,28 +135,28 @@ def _whole_words(h: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, k:
     prev = np.zeros_like(maskable)
     prev[:, 1:] = maskable[:, :-1]
     starts = maskable & (word_start | ~prev)  # a word starts at a non-## token or after [CLS] / [SEP]
-    word = np.cumsum(starts, axis=1) - 1  # (B, T) word number of each position (of its word, for ## pieces)
+    # Word ids across the batch: row b's words are b·(T + 1) + 1, 2, ...; a ## piece has its word's id.
+    word = np.cumsum(starts, axis=1) + np.arange(0, B * (T + 1), T + 1)[:, None]  # (B, T)
+    size = np.bincount(word[maskable], minlength=B * (T + 1))  # tokens per word id
     n_words = starts.sum(1)
     W = int(n_words.max(initial=0))
-    # Tokens per word: bincount over (row, word) of the maskable positions.
-    flat = (np.arange(B)[:, None] * T + word)[maskable]
-    size = np.bincount(flat, minlength=B * T).reshape(B, T)[:, :W]  # (B, W)
-    order = np.argsort(np.where(starts, h, _NEVER), axis=1)[:, :W]  # (B, W) start positions, random order
-    ordered = np.take_along_axis(word, order, 1)  # (B, W) word numbers in that order
-    ordered_size = np.take_along_axis(size, ordered, 1)
-    # Google's greedy fit, one word rank at a time across all rows; most rows are full after about k words.
-    taken = np.zeros((B, W), dtype=bool)
-    count = np.zeros(B, dtype=np.int64)
-    for j in range(W):
-        fits = (count + ordered_size[:, j] <= k) & (j < n_words)
-        taken[:, j] = fits
-        count += np.where(fits, ordered_size[:, j], 0)
-        if np.all((count >= k) | (j + 1 >= n_words)):
+    if W == 0:
+        return np.zeros((B, T), dtype=bool)
+    key, low = _rank_keys(h, starts)
+    # Rows are full after about k words: the first m ranks are ordered and tried; a row that is not full by then
+    # (many words that did not fit) has the whole order tried.
+    m = min(W, 2 * int(k.max(initial=0)) + 16)
+    while True:
+        first = np.partition(key, m - 1, axis=1)[:, :m] if m < T else key
+        col = np.minimum(np.sort(first, axis=1)[:, :m] & low, T - 1).astype(np.int64)  # (B, m) start columns
+        ordered = word.ravel()[col + np.arange(0, B * T, T)[:, None]]  # (B, m) word ids, in random order
+        taken, count = _greedy_fit(size[ordered.T], n_words, k, T + 1)  # (m, B), (B,)
+        if m == W or not ((count < k) & (n_words > m)).any():
             break
-    chosen_word = np.zeros((B, T), dtype=bool)
-    rows = np.broadcast_to(np.arange(B)[:, None], (B, W))
-    chosen_word[rows[taken], ordered[taken]] = True
-    return maskable & np.take_along_axis(chosen_word, np.maximum(word, 0), 1)
+        m = W
+    chosen = np.zeros(B * (T + 1), dtype=bool)
+    chosen[ordered[taken.T]] = True
+    return maskable & chosen[word]
 
 
 def mask_batch(
@@ -146,8 +183,7 @@ def mask_batch(
     k = num_to_predict(lengths, mask_prob, max_predictions)
     h = position_hash(keys[:, None], np.arange(T), CHOOSE)  # (B, T)
     if word_start is None:
-        h[~maskable] = _NEVER
-        chosen = _k_smallest(h, np.minimum(k, maskable.sum(1)))
+        chosen = _k_smallest(_rank_keys(h, maskable)[0], np.minimum(k, maskable.sum(1)))
     else:
         chosen = _whole_words(h, maskable, word_start, k)
     rows, cols = np.nonzero(chosen)
