@@ -22,6 +22,7 @@ from .cases import (
     MODES,
     run_op_case,
 )
+from .data import describe_data_family, run_data_family
 from .inference import (
     CPU_INFERENCE_CASES,
     CPU_MAX_LEN,
@@ -140,6 +141,8 @@ def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
         names, skipped = inference_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                               only=plan.candidates)
         add(", ".join(c.label for c in default_inference_cases(env, plan)), names, skipped)
+    if "data" in plan.families:
+        lines += describe_data_family(plan.quick)
     unknown = sorted(set(plan.candidates or ()) - known)
     if unknown:
         raise ValueError(f"--candidates {' '.join(unknown)}: no such candidate in families {list(plan.families)}")
@@ -193,6 +196,9 @@ def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
             rows += done(run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
                                              allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                              only=plan.candidates))
+    if "data" in plan.families:
+        log("  measuring the data family (CPU: loader, fastbert-prepare) ...")
+        rows += done(run_data_family(plan.quick, plan.rounds, log=log))
     return rows
 
 
@@ -207,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
                     "transformers (CUDA: bf16; CPU: small fp32 cases, GPU cases listed as skipped).")
     ap.add_argument("--quick", action="store_true", help="smaller batches (and the tiny preset on a CPU)")
     ap.add_argument("--family", nargs="+", choices=FAMILIES, default=list(DEFAULT_FAMILIES),
-                    help="default: kernels attention train (inference only when named)")
+                    help="default: kernels attention train (inference and data only when named)")
     ap.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), help="model presets (default: base large "
                     "on CUDA, mini on CPU)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="kernel/attention modes")
