@@ -40,7 +40,7 @@ import torch
 from fastbert.packing import PackedBatch
 
 from .masking import IGNORE_INDEX, default_max_predictions, mask_batch, num_to_predict, row_keys
-from .shards import FORMAT_VERSION, SPLITS, load_array, shard_path
+from .shards import ARRAYS, FORMAT_VERSION, SPLITS, load_array, shard_path
 
 __all__ = ["IGNORE_INDEX", "PretrainingDataset", "StepBatchSampler", "collate", "default_max_predictions",
            "keep_batch"]
@@ -65,8 +65,9 @@ def _open_shard(data_dir: Path, entry: object, max_seq_len: int) -> _Shard:
         raise ValueError(f"{data_dir / 'meta.json'}: bad shard entry {entry!r} (a name and non-negative "
                          "instance and token counts); prepare the data again")
     name, n = entry["name"], entry["instances"]
-    arrays = {a: np.asarray(load_array(shard_path(data_dir, name, a), mmap=True))
-              for a in ("tokens", "offsets", "len_a", "is_random_next")}
+    if n == 0 == entry["tokens"]:  # an empty shard: nothing to read (its files, if any, hold nothing)
+        return _Shard(name, np.zeros(0, np.uint16), np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.uint8))
+    arrays = {a: np.asarray(load_array(shard_path(data_dir, name, a), mmap=True)) for a in ARRAYS}
 
     def bad(array: str, why: str) -> ValueError:
         return ValueError(f"{shard_path(data_dir, name, array)}: {why}; prepare the data again (fastbert-prepare)")

@@ -20,8 +20,9 @@ The rule (Google's `create_pretraining_data.py`), per sequence of n tokens ([CLS
 Positions (and words) are ranked by 32-bit keys, which numpy sorts and partitions far faster than 64-bit ones:
 31 bits of the position's hash with the column in the lowest ⌈log2 T⌉ of them, so keys never tie.
 
-Caution: two candidates whose 31 − ⌈log2 T⌉ random bits tie (24 bits at T = 128, 22 at 512) are ranked by column,
-and the random replacement is drawn as ⌊(32 random bits) · |random_ids| / 2³²⌋: both biases are below 1e-5.
+Caution: when the k-th and (k + 1)-th smallest random parts of a row tie (31 − ⌈log2 T⌉ bits: 24 at T = 128, 22 at
+512; about one row in 130,000 at 128 and one in 8,000 at 512), the lower column is chosen; and the random
+replacement is ⌊(32 random bits) · |random_ids| / 2³²⌋, uniform up to |random_ids| / 2³² (7e-6 for BERT's vocabulary).
 """
 
 from __future__ import annotations
