@@ -149,11 +149,13 @@ def run_loader_cases(quick: bool = False, rounds: int = 3, log=print) -> list[Ro
 
 # ---------------------------------------------------------------------------------------------- prepare
 def write_corpus(path: str | os.PathLike, megabytes: float, seed: int = 0) -> Path:
-    """A text corpus of about `megabytes` MB: the embedded Wikipedia paragraphs (one document each), repeated,
-    each pass in a new random order, in fastbert-prepare's text format (a blank line between documents)."""
+    """A text corpus of about `megabytes` MB: the embedded Wikipedia lead sections (one document each, a line per
+    paragraph), repeated, each pass in a new random order, in fastbert-prepare's text format (a blank line between
+    documents)."""
     from fastbert.resources import wiki_corpus_path
 
-    docs = [e["extract"].strip() for e in json.loads(wiki_corpus_path().read_text(encoding="utf-8")).values()]
+    entries = json.loads(wiki_corpus_path().read_text(encoding="utf-8")).values()
+    docs = ["\n".join(line for line in e["extract"].splitlines() if line.strip()) for e in entries]  # no blank line
     docs = [d.encode("utf-8") + b"\n\n" for d in docs if d]
     rng, left, path = random.Random(seed), int(megabytes * 1e6), Path(path)
     with open(path, "wb") as f:
