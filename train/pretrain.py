@@ -326,10 +326,10 @@ def check_resumable(saved: dict[str, Any], cfg: PretrainConfig, global_batch: in
 
 
 def data_fingerprint(data_dir: Path) -> dict[str, Any]:
-    """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the sizes of its arrays and
-    vocabulary (files added to the folder by hand do not count)."""
+    """What identifies a prepared dataset cheaply: the sha256 of its meta.json and the sizes of its arrays (in
+    subfolders too: the shards) and vocabulary (files added to the folder by hand do not count)."""
     meta = (data_dir / "meta.json").read_bytes()
-    files = {p.name: p.stat().st_size for p in sorted(data_dir.iterdir())
+    files = {p.relative_to(data_dir).as_posix(): p.stat().st_size for p in sorted(data_dir.rglob("*"))
              if p.is_file() and (p.suffix == ".npy" or p.name == "vocab.txt")}
     return {"meta_sha256": hashlib.sha256(meta).hexdigest(), "files": files}
 
