@@ -137,8 +137,6 @@ def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
                                           only=plan.candidates)
         cases = list(plan.train_cases) if plan.train_cases else default_train_cases(env, plan)
         add(", ".join(c.label for c in cases), names, skipped)
-    if "data" in plan.families:
-        lines += describe_data_family(plan.quick)
     if "inference" in plan.families:
         names, skipped = inference_candidates(env, allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                               only=plan.candidates)
@@ -146,6 +144,8 @@ def describe_plan(env: BenchEnv, plan: Plan) -> list[str]:
     unknown = sorted(set(plan.candidates or ()) - known)
     if unknown:
         raise ValueError(f"--candidates {' '.join(unknown)}: no such candidate in families {list(plan.families)}")
+    if "data" in plan.families:
+        lines += describe_data_family(plan.quick)
     return lines
 
 
