@@ -85,7 +85,6 @@ from .shards import (
     FORMAT_VERSION,
     SHARD_DIR,
     SPLITS,
-    load_array,  # noqa: F401  (train/dataset.py imports it from here)
     shard_name,
     shard_path,
 )

@@ -25,6 +25,7 @@ from .cases import (
     MODES,
     run_op_case,
 )
+from .data import describe_data_family, run_data_family
 from .inference import (
     CPU_INFERENCE_CASES,
     CPU_MAX_LEN,
@@ -35,7 +36,7 @@ from .inference import (
 )
 from .kernel_cases import KERNEL_OPS, kernel_cases
 from .peers import LIGER
-from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, row_sink, write_csvs
+from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, report_rows, row_sink, write_csvs
 from .timing import BenchEnv, git_commit, load_or_measure_ceilings, make_env, versions
 from .train_step import TrainCase, family_train_cases, run_train_cases, train_candidates
 
@@ -155,6 +156,8 @@ def describe_plan(env: BenchEnv, plan: Plan, runnable: set[str] | None = None) -
     unknown = sorted(set(plan.candidates or ()) - known)
     if unknown:
         raise ValueError(f"--candidates {' '.join(unknown)}: no such candidate in families {list(plan.families)}")
+    if "data" in plan.families:
+        lines += describe_data_family(plan.quick)
     return lines
 
 
@@ -205,6 +208,9 @@ def _run_families(env: BenchEnv, plan: Plan, log: Callable[[str], None]) -> list
             rows += run_inference_cases(group, env, rounds=plan.rounds, rep_ms=2 * rep_ms, cpu_reps=cpu_reps,
                                         allow_compile=plan.allow_compile, allow_hf=plan.allow_hf,
                                         only=plan.candidates)
+    if "data" in plan.families:
+        log("  measuring the data family (CPU: loader, fastbert-prepare) ...")
+        rows += report_rows(run_data_family(plan.quick, plan.rounds, log=log), env, "-")
     return rows
 
 
@@ -218,7 +224,7 @@ def _parser() -> argparse.ArgumentParser:
                     "transformers (CUDA: bf16; CPU: small fp32 cases, GPU cases listed as skipped).")
     ap.add_argument("--quick", action="store_true", help="smaller batches (and the tiny preset on a CPU)")
     ap.add_argument("--family", nargs="+", choices=FAMILIES, default=list(DEFAULT_FAMILIES),
-                    help="default: kernels attention train (inference only when named)")
+                    help="default: kernels attention train (inference and data only when named)")
     ap.add_argument("--sizes", nargs="+", choices=sorted(PRESETS), help="model presets (default: base large "
                     "on CUDA, mini on CPU)")
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="kernel/attention modes")

@@ -19,11 +19,12 @@ from .peers import is_peer
 from .timing import BenchEnv
 
 # Families in the order tables print them; a plain `fastbert-bench` runs DEFAULT_FAMILIES (inference is asked
-# for by name: it loads whole models, transformers and sentence-transformers).
-FAMILIES = ("kernels", "attention", "train", "inference")
+# for by name: it loads whole models, transformers and sentence-transformers; data too: the CPU's loader and
+# fastbert-prepare, data.py).
+FAMILIES = ("kernels", "attention", "train", "inference", "data")
 DEFAULT_FAMILIES = ("kernels", "attention", "train")
 CSV_FILES = {"kernels": "kernels.csv", "attention": "attention.csv", "train": "train_step.csv",
-             "inference": "inference.csv"}
+             "inference": "inference.csv", "data": "data.csv"}
 CSV_COLUMNS = (
     "run_id", "timestamp", "commit", "device", "gpu", "torch", "triton", "transformers",
     "family", "case", "size", "candidate", "mode", "dtype", "shape",

@@ -1,6 +1,6 @@
 """Pretraining data: sentence splitting, instance creation (Google's rules), the sharded format read back with
-numpy, the embedded corpus prepared in pieces against the one-piece figures, and clear errors on bad input.
-(The loader's masking tests at the end read the data through train/dataset.py.)"""
+numpy, the embedded corpus prepared in pieces against the one-piece figures, and clear errors on bad input
+(the loader, its masking and the batch order: test_dataset.py)."""
 
 from __future__ import annotations
 
@@ -11,17 +11,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import require
-from tests.train.prepared_data import MARKER_BASE, WORDS, instances, read_split, write_corpus, write_vocab
+from tests.train.prepared_data import MARKER_BASE, instances, read_split, write_corpus, write_vocab
 from train import instances as inst
 from train import prepare as prep
-from train.dataset import (
-    IGNORE_INDEX,
-    PretrainingDataset,
-    StepBatchSampler,
-    collate,
-    default_max_predictions,
-    mask_tokens,
-)
 from train.pieces import split_sentences
 from train.shards import ARRAYS, FORMAT_VERSION, shard_path
 
@@ -338,159 +330,6 @@ def test_json_and_json_lines_input(tmp_path, corpus):
     assert len(metas["many"]["splits"]["train"]["shards"]) > 3 and len(metas["json"]["splits"]["train"]["shards"]) == 1
     # The same documents in one piece: the same instances from either format.
     assert instances(tmp_path / "json", "train") == instances(tmp_path / "jsonl", "train")
-
-
-# ---------------------------------------------------------------------------------------------- masking
-def test_items_layout_and_masking_invariants(corpus):
-    root, _ = corpus
-    with pytest.warns(UserWarning, match="max_predictions=5 caps"):  # a cap below 15 % of 48: warned
-        ds = PretrainingDataset(root / "data", "train", seed=3, max_predictions=5)
-    sp = ds.meta["special_ids"]
-    specials = set(sp.values())
-    n_label = n_mask = n_keep = n_rand = 0
-    for i in range(len(ds)):
-        ids, types, _, is_random = ds.instance(i)
-        n, la = len(ids), int(ds.len_a[i])
-        it = ds[i]
-        x, lab = it["input_ids"].numpy(), it["labels"].numpy()
-        assert len(x) == 48 and it["next_sentence_label"].item() == is_random
-        # [CLS] A [SEP] B [SEP] then padding; segment 0 through the first [SEP], 1 to the last, 0 on padding
-        assert x[0] == sp["[CLS]"] and x[la + 1] == sp["[SEP]"] and x[n - 1] == sp["[SEP]"]
-        assert np.all(x[n:] == sp["[PAD]"]) and np.all(it["attention_mask"].numpy() == (np.arange(48) < n))
-        t = it["token_type_ids"].numpy()
-        assert np.all(t[:la + 2] == 0) and np.all(t[la + 2:n] == 1) and np.all(t[n:] == 0)
-        labelled = np.flatnonzero(lab != IGNORE_INDEX)
-        # never [CLS], [SEP] or padding; round(15 %) of all the tokens (Google's count), at least 1, at most 5
-        assert not set(labelled.tolist()) & {0, la + 1, n - 1} and labelled.max() < n
-        assert len(labelled) == min(5, max(1, round(0.15 * n)))
-        np.testing.assert_array_equal(lab[labelled], ids[labelled])  # labels are the original tokens
-        unlabelled = np.setdiff1d(np.arange(48), labelled)
-        np.testing.assert_array_equal(x[unlabelled[unlabelled < n]], ids[unlabelled[unlabelled < n]])
-        for p in labelled:
-            n_label += 1
-            if x[p] == sp["[MASK]"]:
-                n_mask += 1
-            elif x[p] == ids[p]:
-                n_keep += 1
-            else:
-                n_rand += 1
-                assert x[p] not in specials
-    # 80 / 10 / 10 within 4 standard deviations (a random replacement can hit the original token: ~1/v).
-    for frac, p in ((n_mask, 0.8), (n_keep, 0.1), (n_rand, 0.1)):
-        sd = np.sqrt(p * (1 - p) / n_label)
-        assert abs(frac / n_label - p) < 4 * sd + 0.01, (frac / n_label, p)
-
-
-def test_masked_fraction_is_15_percent_of_all_tokens_and_the_cap_follows_the_length(corpus, recwarn):
-    root, _ = corpus
-    assert [default_max_predictions(t) for t in (128, 512, 64, 48, 20)] == [20, 77, 10, 8, 3]
-    ds = PretrainingDataset(root / "data", "train", seed=4)  # cap from the length: ceil(0.15 · 48) = 8
-    assert ds.max_predictions == 8 and ds.cap_binds == 0.0
-    labelled = total = 0
-    for i in range(len(ds)):
-        it = ds[i]
-        labelled += int((it["labels"] != IGNORE_INDEX).sum())
-        total += int(it["attention_mask"].sum())
-    # Rounding per sequence only: the labelled share of all real tokens ([CLS]/[SEP] counted) is 15 %.
-    assert abs(labelled / total - 0.15) < 0.005, labelled / total
-    assert not [w for w in recwarn if "max_predictions" in str(w.message)]
-    with pytest.warns(UserWarning, match=r"max_predictions=3 caps .* raise max_predictions to 8"):
-        tight = PretrainingDataset(root / "data", "train", max_predictions=3)
-    assert tight.cap_binds > 0.5
-
-
-def test_whole_word_masking_takes_words_whole():
-    rng = np.random.default_rng(0)
-    # [CLS] a ##b ##c d ##e [SEP] ##g ##h [SEP]: words {1,2,3} {4,5} | {7,8} (a ## after [SEP] starts a word)
-    ids = np.arange(100, 110)
-    maskable = np.ones(10, bool)
-    maskable[[0, 6, 9]] = False
-    word_start = np.array([1, 1, 0, 0, 1, 0, 1, 0, 0, 1], bool)
-    words = [{1, 2, 3}, {4, 5}, {7, 8}]
-    seen_sizes = set()
-    for _ in range(200):
-        out, labels = mask_tokens(ids, maskable, rng, mask_id=1, random_ids=np.arange(50, 60), mask_prob=0.5,
-                                  max_predictions=20, word_start=word_start)
-        chosen = set(np.flatnonzero(labels != IGNORE_INDEX).tolist())
-        assert len(chosen) <= 5  # round(0.5 · 10) = 5, never exceeded: a word that does not fit is skipped
-        for w in words:
-            assert w <= chosen or not w & chosen  # a word is masked whole or not at all
-        seen_sizes.add(len(chosen))
-    # 3 + 2 = 5, or 2 + 2 = 4 with the 3-token word skipped. Were {4,5} and {7,8} one word (Google's code
-    # joins a ## after [SEP] to segment A's last word), the sizes would be 3 or 4.
-    assert seen_sizes == {4, 5}
-
-
-def test_whole_word_masking_on_a_dataset(tmp_path):
-    tokens = list(prep.SPECIAL_TOKENS) + WORDS + ["##x", "##y", "."]
-    (tmp_path / "vocab.txt").write_text("\n".join(tokens) + "\n")
-    rng = random.Random(0)
-    docs = ["\n".join(" ".join(f"w{rng.randrange(40)}" + rng.choice(["", "x", "xy"]) for _ in range(8)) + " ."
-                      for _ in range(6)) for _ in range(30)]
-    (tmp_path / "c.txt").write_text("\n\n".join(docs) + "\n")
-    prep.prepare(prep.PrepareConfig(out_dir=str(tmp_path / "d"), inputs=(str(tmp_path / "c.txt"),),
-                                    vocab=str(tmp_path / "vocab.txt"), max_seq_len=40, dupe_factor=1,
-                                    heldout_fraction=0.0), log=lambda m: None)
-    ds = PretrainingDataset(tmp_path / "d", "train", seed=2, whole_word_mask=True)
-    pieces = {5 + len(WORDS), 6 + len(WORDS)}  # ##x, ##y
-    split_words = 0
-    for i in range(len(ds)):
-        ids, _, _, _ = ds.instance(i)
-        lab = ds[i]["labels"].numpy()[:len(ids)]
-        n = len(ids)
-        assert 1 <= (lab != IGNORE_INDEX).sum() <= max(1, round(0.15 * n))
-        for p in range(1, n - 1):
-            if ids[p] in pieces and ids[p - 1] not in (ds.sep_id, ds.cls_id):
-                split_words += 1
-                assert (lab[p] != IGNORE_INDEX) == (lab[p - 1] != IGNORE_INDEX)  # with the piece before it
-    assert split_words > 100
-
-
-def test_masking_is_dynamic_and_reproducible(corpus):
-    root, _ = corpus
-    ds = PretrainingDataset(root / "data", "train", seed=1)
-    again = PretrainingDataset(root / "data", "train", seed=1)
-    a = ds[(0, 5)]["labels"]
-    assert (a == again[(0, 5)]["labels"]).all()  # same (seed, epoch, index) → same masking
-    diff_epoch = sum(not (ds[(0, i)]["labels"] == ds[(1, i)]["labels"]).all() for i in range(20))
-    assert diff_epoch >= 15  # a new draw every epoch
-    ds.set_epoch(1)
-    assert (ds[5]["labels"] == ds[(1, 5)]["labels"]).all()
-    fixed = PretrainingDataset(root / "data", "heldout", seed=1, fixed_masking=True)
-    assert (fixed[(0, 2)]["labels"] == fixed[(7, 2)]["labels"]).all()
-
-
-def test_collate_trims_unused_padding(corpus):
-    root, _ = corpus
-    ds = PretrainingDataset(root / "data", "train")
-    short = [i for i in range(len(ds)) if ds.offsets[i + 1] - ds.offsets[i] < 20][:3]
-    assert short, "the corpus should have some short instances"
-    b = collate([ds[i] for i in short], pad_to_multiple=8)
-    longest = max(int(ds.offsets[i + 1] - ds.offsets[i]) + 3 for i in short)
-    assert b["input_ids"].shape == (len(short), -(-longest // 8) * 8)
-    assert b["next_sentence_label"].shape == (len(short),)
-
-
-def test_step_batch_sampler_shards_and_resumes():
-    one = StepBatchSampler(50, micro_batch=3, grad_accum=2, world_size=2, rank=0, seed=7, start_step=0,
-                           num_steps=20)
-    single = StepBatchSampler(50, micro_batch=6, grad_accum=2, world_size=1, rank=0, seed=7, start_step=0,
-                              num_steps=20)
-    assert one.steps_per_epoch == 4  # 50 // 12, the incomplete global batch dropped
-    for step in (0, 3, 4, 9):
-        r0 = StepBatchSampler(50, 3, 2, 2, 0, 7, 0, 20).step_indices(step)
-        r1 = StepBatchSampler(50, 3, 2, 2, 1, 7, 0, 20).step_indices(step)
-        ranks = sorted(k for mb in r0 + r1 for k in mb)
-        assert ranks == sorted(k for mb in single.step_indices(step) for k in mb)  # same global batch
-        assert len({i for _, i in ranks}) == 12 and {e for e, _ in ranks} == {step // 4}
-    # Each epoch sees distinct instances, in a new order.
-    e0 = [i for s in range(4) for mb in single.step_indices(s) for _, i in mb]
-    e1 = [i for s in range(4, 8) for mb in single.step_indices(s) for _, i in mb]
-    assert len(set(e0)) == 48 and e0 != e1
-    # A sampler started at step 5 yields exactly the tail of the full stream.
-    full = list(StepBatchSampler(50, 3, 2, 2, 1, 7, 0, 10))
-    tail = list(StepBatchSampler(50, 3, 2, 2, 1, 7, 5, 5))
-    assert tail == full[10:] and len(full) == 20
 
 
 # ---------------------------------------------------------------------------------------------- errors
