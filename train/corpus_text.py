@@ -21,7 +21,8 @@ from pathlib import Path
 
 
 def write_wiki_text(path: str | os.PathLike, megabytes: float, seed: int = 0) -> int:
-    """Write at least `megabytes` MB (ending at a document's end) to `path`, atomically; returns the bytes written."""
+    """Write at least `megabytes` MiB (2^20 bytes, what fastbert-prepare calls MB; ending at a document's end) to
+    `path`, atomically; returns the bytes written."""
     from fastbert.resources import wiki_corpus_path
 
     with open(wiki_corpus_path(), encoding="utf-8") as f:

@@ -15,6 +15,7 @@ This package holds every piece of measuring code (the pytest-benchmark suite in 
     kernel_cases.py  the encoder's other kernels
     train_step.py    the training-step family
     inference.py     the inference family (forward-only encoding, real length distributions: lengths.py)
+    data.py          the data family (CPU): the pretraining loader and fastbert-prepare (train/, imported late)
     cli.py           the plan of a run, `--dry-run`, and the command line
 
 How it measures:

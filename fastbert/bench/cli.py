@@ -36,7 +36,7 @@ from .inference import (
 )
 from .kernel_cases import KERNEL_OPS, kernel_cases
 from .peers import LIGER
-from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, report_rows, row_sink, write_csvs
+from .results import DEFAULT_FAMILIES, FAMILIES, Row, format_table, row_sink, write_csvs
 from .timing import BenchEnv, git_commit, load_or_measure_ceilings, make_env, versions
 from .train_step import TrainCase, family_train_cases, run_train_cases, train_candidates
 
@@ -164,8 +164,8 @@ def describe_plan(env: BenchEnv, plan: Plan, runnable: set[str] | None = None) -
 def run_plan(env: BenchEnv, plan: Plan, *, log: Callable[[str], None] = print,
              on_rows: Callable[[list[Row]], None] | None = None) -> list[Row]:
     """Run every case of the plan; `on_rows` gets rows as soon as a family reports them (`report_rows`: a case's
-    skipped candidates, each mode of a kernel or attention case, each training or inference case), so a run killed
-    at its time limit keeps every row measured before."""
+    skipped candidates, each mode of a kernel or attention case, each training, inference or data case), so a run
+    killed at its time limit keeps every row measured before."""
     with row_sink(on_rows) if on_rows is not None else contextlib.nullcontext():
         return _run_families(env, plan, log)
 
@@ -210,7 +210,7 @@ def _run_families(env: BenchEnv, plan: Plan, log: Callable[[str], None]) -> list
                                         only=plan.candidates)
     if "data" in plan.families:
         log("  measuring the data family (CPU: loader, fastbert-prepare) ...")
-        rows += report_rows(run_data_family(plan.quick, plan.rounds, log=log), env, "-")
+        rows += run_data_family(env, plan.quick, plan.rounds, log=log)  # reported case by case
     return rows
 
 

@@ -6,23 +6,35 @@
               thread. The instances are the worst case: every one full length (T − 3 body tokens), cut from the
               embedded Wikipedia paragraphs tokenized with the BERT uncased vocabulary (real `##` statistics),
               split A | B at a random point, spread over uneven shards (one empty), read in a random order.
-    prepare   MB of text per second (wall) and peak memory of the whole process tree (the sum of the RSS of
-              the process and its children, sampled from /proc) of `python -m train.prepare` run in a
-              subprocess, against corpus size (the embedded paragraphs repeated and reshuffled to 10 / 30 / 120
-              MB; `--quick`: 2 / 6 MB) and worker count.
+    prepare   `python -m train.prepare --max-seq-len 128 --workers N` in a subprocess on the embedded paragraphs
+              repeated and reshuffled (`train.corpus_text.write_wiki_text`) to 10 / 30 / 120 MiB with all cores,
+              and on 30 MiB with 1 worker (`--quick`: 2 / 6 MiB in pieces of 2.5 MiB, and 1 vs 2 workers at 6 MiB):
+              wall MiB/s, CPU seconds and peak memory of the whole process tree. Memory is sampled from /proc
+              every 50 ms and summed over the command and its descendants two ways: PSS (a page the forked
+              workers share with their parent divided among them: what the tree holds) and RSS (such a page
+              counted once per process, an overcount).
 
-Rows go to `data.csv` with the other families' columns: `ms` = milliseconds per batch (loader) or wall seconds
-× 1000 (prepare), `seq_per_s` (loader), `gbps` = GB of text per second (prepare), `peak_GB` (prepare), `shape`
-= the case's parameters, `gpu` = the CPU's name and core count.
+MiB = 2^20 bytes, the unit fastbert-prepare's "MB" (`--piece-mb`, its log) counts. Each case's row goes to
+`data.csv` as soon as it is measured (`report_rows`), in the other families' columns: `ms` = milliseconds per
+batch (loader) or wall seconds × 1000 (prepare), `seq_per_s` (loader), `gbps` = GB (10^9 bytes) of text per
+wall second and `peak_GB` = peak PSS of the tree in GB (prepare), `shape` = the case's parameters; the note
+holds the CPU, its cores and the load average when the case started, and for prepare the figures with no
+column (CPU-s, MiB per CPU-s, peak PSS and RSS in MiB, the cores other processes kept busy meanwhile).
 
-Caution: the prepare figures are wall-clock on a machine that may be shared: say its load when quoting them.
+The family measures train/ from the benchmark layer through imports inside its functions, so `import fastbert`
+(and `fastbert.bench`) does not import train/.
+
+Caution: the prepare figures are wall-clock on a machine that may be shared: quote them with the load. The load
+average is over a minute, so a case's starting load includes the tail of the case before it; the cores others
+kept busy (from /proc/stat, less the tree's CPU time) is the figure that says whether the machine was quiet.
+Linux only (/proc).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,13 +46,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .results import Row
+from .results import Row, report_rows
+from .timing import BenchEnv
 
 LOADER_CASES = ((128, False), (128, True), (512, False), (512, True))  # (T, whole-word masking)
 MASKING = {False: "plain", True: "whole-word"}
 LOADER_BATCH = 256
-PREPARE_SIZES_MB = (10, 30, 120)
-PREPARE_SIZES_MB_QUICK = (2, 6)
+PREPARE_SIZES_MIB = (10, 30, 120)  # the worker-count axis runs at the middle size
+PREPARE_SIZES_MIB_QUICK = (2, 6)
+PIECE_MIB_QUICK = 2.5  # 6 MiB (and a little: the corpus ends at a document's end) in 3 pieces, for 2 workers
 
 
 # ---------------------------------------------------------------------------------------------- data folders
@@ -126,8 +140,9 @@ def loader_seq_per_s(data_dir: str | os.PathLike, whole_word: bool, batch: int =
         torch.set_num_threads(threads)
 
 
-def run_loader_cases(quick: bool = False, rounds: int = 3, log=print) -> list[Row]:
-    """The loader rows: T = 128 and 512, plain and whole-word masking (module docstring)."""
+def run_loader_cases(env: BenchEnv, quick: bool = False, rounds: int = 3, label: str = "",
+                     log=print) -> list[Row]:
+    """The loader rows (module docstring), each reported as soon as it is measured."""
     stream, vocab = wiki_token_stream()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastbert-bench-data-") as tmp:
@@ -137,146 +152,160 @@ def run_loader_cases(quick: bool = False, rounds: int = 3, log=print) -> list[Ro
             for _, wwm in [c for c in LOADER_CASES if c[0] == T]:
                 mode = MASKING[wwm]
                 log(f"  measuring the loader at T = {T}, {mode} masking ...")
+                load = os.getloadavg()[0]
                 rates = [loader_seq_per_s(folder, wwm, sequences=2048 if quick else 8192, seed=r)
                          for r in range(rounds)]
                 rate = float(np.median(rates))
-                rows.append(Row("data", "loader", f"T={T}", "batch", mode, "-",
-                                f"B={LOADER_BATCH} T={T} full-length instances={n} shards=4 (one empty)",
-                                ms=1e3 * LOADER_BATCH / rate, seq_per_s=rate,
-                                note=f"CPU time, one thread; rounds {', '.join(f'{r:.0f}' for r in rates)} seq/s"))
+                rows += report_rows([Row(
+                    "data", "loader", f"T={T}", "batch", mode, "-",
+                    f"B={LOADER_BATCH} T={T} full-length instances={n} shards=4 (one empty)",
+                    ms=1e3 * LOADER_BATCH / rate, seq_per_s=rate,
+                    note=f"{label}, load {load:.2f} at start; CPU time, one thread; "
+                         f"rounds {', '.join(f'{r:.0f}' for r in rates)} seq/s")], env, "-")
     return rows
 
 
 # ---------------------------------------------------------------------------------------------- prepare
-def write_corpus(path: str | os.PathLike, megabytes: float, seed: int = 0) -> Path:
-    """A text corpus of about `megabytes` MB: the embedded Wikipedia lead sections (one document each, a line per
-    paragraph), repeated, each pass in a new random order, in fastbert-prepare's text format (a blank line between
-    documents)."""
-    from fastbert.resources import wiki_corpus_path
-
-    entries = json.loads(wiki_corpus_path().read_text(encoding="utf-8")).values()
-    docs = ["\n".join(line for line in e["extract"].splitlines() if line.strip()) for e in entries]  # no blank line
-    docs = [d.encode("utf-8") + b"\n\n" for d in docs if d]
-    rng, left, path = random.Random(seed), int(megabytes * 1e6), Path(path)
-    with open(path, "wb") as f:
-        while left > 0:
-            rng.shuffle(docs)
-            for d in docs:
-                f.write(d)
-                left -= len(d)
-                if left <= 0:
-                    break
-    return path
-
-
-def tree_rss(pid: int) -> int:
-    """Bytes resident in process `pid` and all its descendants (the sum of their RSS; shared pages count once
-    per process, so this is an upper bound), read from /proc; 0 once the process is gone."""
-    total, todo = 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, from /proc (a process that ends meanwhile is skipped)."""
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         try:
-            total += int(Path(f"/proc/{p}/statm").read_text().split()[1]) * page
             for task in Path(f"/proc/{p}/task").iterdir():
                 todo += [int(c) for c in (task / "children").read_text().split()]
-        except (OSError, ValueError, IndexError):  # exited between two reads
+        except (OSError, ValueError):
             continue
-    return total
+    return out
 
 
-def run_prepare(corpus: Path, out_dir: Path, workers: int | None, interval_s: float = 0.05) -> dict:
-    """`python -m train.prepare corpus --out-dir out_dir --max-seq-len 128 [--workers N]` in a subprocess: wall
-    seconds, the peak of `tree_rss` sampled every `interval_s`, the exit code and the output's last lines."""
-    argv = [sys.executable, "-m", "train.prepare", str(corpus), "--out-dir", str(out_dir), "--max-seq-len", "128"]
-    if workers is not None:
-        argv += ["--workers", str(workers)]
-    t0 = time.perf_counter()
+def tree_memory(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in bytes summed over process `pid` and its descendants, from /proc/PID/smaps_rollup; (0, 0)
+    once it is gone. PSS divides a shared page among its processes; RSS counts it in each (an upper bound)."""
+    pss = rss = 0
+    for p in _descendants(pid):
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines()
+                          if ":" in line)
+            pss += int(fields["Pss"].split()[0]) << 10
+            rss += int(fields["Rss"].split()[0]) << 10
+        except (OSError, KeyError, ValueError):  # exited between two reads
+            continue
+    return pss, rss
+
+
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy since boot (/proc/stat: all but idle and iowait)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def run_prepare(corpus: Path, out_dir: Path, workers: int, piece_mib: float | None = None,
+                interval_s: float = 0.05) -> dict:
+    """`python -m train.prepare corpus --out-dir out_dir --max-seq-len 128 --workers N [--piece-mb M]` in a
+    subprocess: wall and CPU seconds of its tree (user + sys of it and every descendant it waited for), the peaks
+    of `tree_memory` sampled every `interval_s`, the cores other processes kept busy meanwhile, the exit code and
+    the output's last lines."""
+    argv = [sys.executable, "-m", "train.prepare", str(corpus), "--out-dir", str(out_dir), "--max-seq-len", "128",
+            "--workers", str(workers)] + ([] if piece_mib is None else ["--piece-mb", f"{piece_mib:g}"])
+    cpu0, busy0, t0 = _children_cpu_s(), _busy_cpu_s(), time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    peak, done = 0, threading.Event()
+    peak_pss = peak_rss = 0
+    done = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak_pss, peak_rss
         while not done.is_set():
-            peak = max(peak, tree_rss(proc.pid))
+            pss, rss = tree_memory(proc.pid)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
             done.wait(interval_s)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     out, _ = proc.communicate()
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
     done.set()
     sampler.join()
-    return {"wall_s": wall, "peak_bytes": peak, "returncode": proc.returncode, "tail": out.strip()[-500:]}
+    return {"wall_s": wall, "cpu_s": cpu, "peak_pss": peak_pss, "peak_rss": peak_rss,
+            "others_cores": max(0.0, (_busy_cpu_s() - busy0 - cpu) / wall), "returncode": proc.returncode,
+            "tail": out.strip()[-500:]}
 
 
-def prepare_has_workers() -> bool:
-    """Whether this version of fastbert-prepare takes --workers."""
-    from train.prepare import build_parser
+def prepare_plan(quick: bool = False) -> list[tuple[float, int]]:
+    """(MiB of text, workers) of each prepare run, by size: every size with all cores (prepare's default), and
+    the worker-count axis at the middle size (1 vs all cores; `quick`: 1 vs 2)."""
+    from train.prepare import cores
 
-    return "--workers" in build_parser().format_help()
+    sizes = PREPARE_SIZES_MIB_QUICK if quick else PREPARE_SIZES_MIB
+    axis = (1, 2) if quick else (1, cores())
+    runs = [(mb, cores()) for mb in sizes] + [(sizes[1], w) for w in axis]
+    return sorted(dict.fromkeys(runs), key=lambda r: (r[0], -r[1]))
 
 
-def run_prepare_cases(quick: bool = False, log=print) -> list[Row]:
-    """The prepare rows: MB/s and peak memory against corpus size (default worker count), and against the
-    worker count at the middle size; a skipped row says why when prepare has no --workers."""
-    sizes = PREPARE_SIZES_MB_QUICK if quick else PREPARE_SIZES_MB
-    cores = os.cpu_count() or 1
-    plan: list[tuple[float, int | None]] = [(mb, None) for mb in sizes]
-    rows = []
-    if prepare_has_workers():
-        plan += [(sizes[1], w) for w in sorted({1, cores})]
-    else:
-        rows.append(Row("data", "prepare", f"{sizes[1]:g}MB", "workers=N", "wall", "-", "", note=(
-            "skipped: this fastbert-prepare has no --workers option (it prepares in one process)")))
+def run_prepare_cases(env: BenchEnv, quick: bool = False, label: str = "", log=print) -> list[Row]:
+    """The prepare rows (module docstring), each reported as soon as its run ends."""
+    from train.corpus_text import write_wiki_text
+    from train.pieces import plan_pieces
+    from train.prepare import PrepareConfig
+
+    piece_mib = PIECE_MIB_QUICK if quick else None
+    piece_bytes = int((piece_mib or PrepareConfig().piece_mb) * 2**20)
+    plan, rows = prepare_plan(quick), []
     with tempfile.TemporaryDirectory(prefix="fastbert-bench-prepare-") as tmp:
-        for mb in sizes:
-            corpus = write_corpus(Path(tmp) / f"corpus-{mb:g}MB.txt", mb)
-            for _, workers in [c for c in plan if c[0] == mb]:
-                name = "default" if workers is None else f"workers={workers}"
-                log(f"  preparing {mb:g} MB with {name} ...")
-                r = run_prepare(corpus, Path(tmp) / "out", workers)
+        for mb in dict.fromkeys(mb for mb, _ in plan):
+            corpus = Path(tmp) / f"corpus-{mb:g}MiB.txt"
+            size = write_wiki_text(corpus, mb)
+            shape = f"text={mb:g}MiB pieces={len(plan_pieces([corpus], piece_bytes))} T=128"
+            for workers in [w for m, w in plan if m == mb]:
+                log(f"  preparing {mb:g} MiB with {workers} worker(s) ...")
+                load = os.getloadavg()[0]
+                r = run_prepare(corpus, Path(tmp) / "out", workers, piece_mib)
                 shutil.rmtree(Path(tmp) / "out", ignore_errors=True)
-                shape = f"text={mb:g}MB T=128 cores={cores}"
+                row = Row("data", "prepare", f"{mb:g}MiB", f"workers={workers}", "wall", "-", shape)
                 if r["returncode"] != 0:
-                    rows.append(Row("data", "prepare", f"{mb:g}MB", name, "wall", "-", shape,
-                                    note=f"failed (exit {r['returncode']}): {r['tail'][-200:]}"))
-                    continue
-                size = corpus.stat().st_size
-                rows.append(Row("data", "prepare", f"{mb:g}MB", name, "wall", "-", shape, ms=1e3 * r["wall_s"],
-                                gbps=size / r["wall_s"] / 1e9, peak_GB=r["peak_bytes"] / 1e9,
-                                note=f"{size / r['wall_s'] / 1e6:.2f} MB/s wall, peak RSS of the process tree "
-                                     f"{r['peak_bytes'] / 2**20:.0f} MiB ({r['peak_bytes'] / size:.1f}x the text)"))
+                    row.note = f"{label}; failed (exit {r['returncode']}): {r['tail'][-200:]}"
+                else:
+                    mib, pss, rss = size / 2**20, r["peak_pss"] / 2**20, r["peak_rss"] / 2**20
+                    row.ms, row.gbps, row.peak_GB = 1e3 * r["wall_s"], size / r["wall_s"] / 1e9, r["peak_pss"] / 1e9
+                    row.note = (f"{label}, load {load:.2f} at start, others kept {r['others_cores']:.1f} cores busy; "
+                                f"{mib / r['wall_s']:.2f} MiB/s wall, {r['cpu_s']:.1f} CPU-s "
+                                f"({mib / r['cpu_s']:.2f} MiB per CPU-s), peak of the process tree: "
+                                f"PSS {pss:.0f} MiB, RSS {rss:.0f} MiB")
+                rows += report_rows([row], env, "-")
+            corpus.unlink()
     return rows
 
 
 def cpu_label() -> str:
-    """The CPU's model name and core count, and the load average when the run started (wall figures depend on
-    it)."""
+    """The CPU's model name and the cores this process may run on (all cores, to fastbert-prepare)."""
     name = "unknown CPU"
     try:
         name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                     if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    return f"{name}, {os.cpu_count()} cores{load}"
+    return f"{name}, {len(os.sched_getaffinity(0))} cores"
 
 
 def describe_data_family(quick: bool = False) -> list[str]:
     """The data family's cases, for `fastbert-bench --dry-run`."""
-    sizes = ", ".join(f"{mb:g}" for mb in (PREPARE_SIZES_MB_QUICK if quick else PREPARE_SIZES_MB))
     loader = ", ".join(f"T={T} {MASKING[wwm]}" for T, wwm in LOADER_CASES)
-    lines = [f"  data: loader at {loader} (CPU, one thread); fastbert-prepare on {sizes} MB of text"]
-    if not prepare_has_workers():
-        lines.append("    skipped the worker-count axis: this fastbert-prepare has no --workers option")
-    return lines
+    plan = prepare_plan(quick)
+    runs = ", ".join(f"{mb:g} MiB ({', '.join(f'workers={w}' for m, w in plan if m == mb)})"
+                     for mb in dict.fromkeys(mb for mb, _ in plan))
+    return [f"  data: loader at {loader} (CPU, one thread)",
+            f"  data: fastbert-prepare on {runs} of text"
+            + (f" in pieces of {PIECE_MIB_QUICK:g} MiB" if quick else "")]
 
 
-def run_data_family(quick: bool = False, rounds: int = 3, log=print) -> list[Row]:
-    """Every row of the `data` family, each note prefixed with the CPU it ran on."""
+def run_data_family(env: BenchEnv, quick: bool = False, rounds: int = 3, log=print) -> list[Row]:
+    """Every row of the `data` family, each already reported (`report_rows`) when its case was measured."""
     label = cpu_label()
-    rows = run_loader_cases(quick, rounds, log) + run_prepare_cases(quick, log)
-    for r in rows:
-        r.note = f"{label}; {r.note}"
-    return rows
+    return run_loader_cases(env, quick, rounds, label, log) + run_prepare_cases(env, quick, label, log)

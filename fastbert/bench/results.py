@@ -121,7 +121,7 @@ def finish_rows(rows: list[Row], env: BenchEnv, baseline: str) -> list[Row]:
         bp = peer.get((r.case, r.size, r.mode))
         if r.ms and bp:
             r.best_peer, r.vs_peer = bp[0], bp[1] / r.ms
-        if r.family == "train":  # the training step's fraction of the ceiling is its MFU column
+        if r.family in ("train", "data"):  # the training step's is its MFU column; text per second is no copy
             continue
         if r.tflops is not None and env.ceil_tflops:
             r.pct_ceiling = 100.0 * r.tflops / env.ceil_tflops
