@@ -261,7 +261,7 @@ class PretrainingDataset(torch.utils.data.Dataset):
         ids, labels = mask_batch(
             ids, n, maskable, row_keys(self.seed, epoch[order], index[order]), mask_id=self.mask_id,
             random_ids=self.random_ids, mask_prob=self.mask_prob, max_predictions=self.max_predictions,
-            word_start=None if self.word_start is None else self.word_start[ids],
+            word_start=None if self.word_start is None else self.word_start[ids], max_len=self.max_seq_len,
         )
         back = np.argsort(order)  # rows in the order of the keys
         return {

@@ -18,7 +18,9 @@ The rule (Google's `create_pretraining_data.py`), per sequence of n tokens ([CLS
               piece right after [SEP] starts a word (Google's code would join it to segment A's last word).
 
 Positions (and words) are ranked by 32-bit keys, which numpy sorts and partitions far faster than 64-bit ones:
-31 bits of the position's hash with the column in the lowest ⌈log2 T⌉ of them, so keys never tie.
+31 bits of the position's hash with the column in the lowest ⌈log2 T⌉ of them, so keys never tie. T there is
+`max_len` (the widest the rows are ever padded to), not the batch's width: a row's keys, hence its masking, are
+then the same in a batch of any width.
 
 Caution: when the k-th and (k + 1)-th smallest random parts of a row tie (31 − ⌈log2 T⌉ bits: 24 at T = 128, 22 at
 512; about one row in 130,000 at 128 and one in 8,000 at 512), the lower column is chosen; and the random
@@ -82,11 +84,12 @@ def position_hash(keys: np.ndarray, positions: np.ndarray, stream: np.uint64) ->
     return _mix(z)
 
 
-def _rank_keys(h: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.uint32]:
+def _rank_keys(h: np.ndarray, candidates: np.ndarray, max_len: int) -> tuple[np.ndarray, np.uint32]:
     """(uint32 [B, T] keys in random order, distinct within a row: 31 bits of the hash h (uint64 [B, T]) with the
-    column in the low bits — `_NEVER` where `candidates` (bool [B, T]) is False —, the mask of the column bits)."""
+    column in the low ⌈log2 max_len⌉ bits — `_NEVER` where `candidates` (bool [B, T]) is False —, the mask of the
+    column bits)."""
     T = h.shape[1]
-    low = np.uint32((1 << max(1, (T - 1).bit_length())) - 1)
+    low = np.uint32((1 << max(1, (max_len - 1).bit_length())) - 1)
     key = (h >> _U64(33)).astype(np.uint32)
     key &= ~low
     key |= np.arange(T, dtype=np.uint32)
@@ -129,7 +132,8 @@ def _greedy_fit(size: np.ndarray, n_words: np.ndarray, k: np.ndarray, never: int
     return taken, count
 
 
-def _whole_words(h: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, k: np.ndarray) -> np.ndarray:
+def _whole_words(h: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, k: np.ndarray,
+                 max_len: int) -> np.ndarray:
     """bool [B, T]: whole words chosen in the order of their start hashes while each fits in k (module
     docstring)."""
     B, T = h.shape
@@ -143,7 +147,7 @@ def _whole_words(h: np.ndarray, maskable: np.ndarray, word_start: np.ndarray, k:
     W = int(n_words.max(initial=0))
     if W == 0:
         return np.zeros((B, T), dtype=bool)
-    key, low = _rank_keys(h, starts)
+    key, low = _rank_keys(h, starts, max_len)
     # Rows are full after about k words: the first m ranks are ordered and tried; a row that is not full by then
     # (many words that did not fit) has the whole order tried.
     m = min(W, 2 * int(k.max(initial=0)) + 16)
@@ -171,22 +175,27 @@ def mask_batch(
     mask_prob: float = 0.15,
     max_predictions: int = 20,
     word_start: np.ndarray | None = None,
+    max_len: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """BERT masking of a padded batch (module docstring).
 
     ids int64 [B, T]; lengths int [B] (real tokens of each row, [CLS]/[SEP] counted); maskable bool [B, T]
     (real tokens other than [CLS]/[SEP]); keys uint64 [B] (`row_keys`); random_ids int64 [V'] (the ordinary
     tokens a random replacement is drawn from); word_start bool [B, T] (True where the token is not a `##`
-    continuation) turns on whole-word masking. Returns (masked ids int64 [B, T], labels int64 [B, T] with -100
-    where nothing is predicted)."""
+    continuation) turns on whole-word masking. max_len (default T): the widest these rows are ever padded to
+    (the dataset's max_seq_len); give it so that a row is masked the same in a batch of any width. Returns
+    (masked ids int64 [B, T], labels int64 [B, T] with -100 where nothing is predicted)."""
     B, T = ids.shape
+    max_len = T if max_len is None else max_len
+    if max_len < T:
+        raise ValueError(f"max_len {max_len} is below the batch's width {T}")
     keys = np.asarray(keys, dtype=np.uint64)
     k = num_to_predict(lengths, mask_prob, max_predictions)
     h = position_hash(keys[:, None], np.arange(T), CHOOSE)  # (B, T)
     if word_start is None:
-        chosen = _k_smallest(_rank_keys(h, maskable)[0], np.minimum(k, maskable.sum(1)))
+        chosen = _k_smallest(_rank_keys(h, maskable, max_len)[0], np.minimum(k, maskable.sum(1)))
     else:
-        chosen = _whole_words(h, maskable, word_start, k)
+        chosen = _whole_words(h, maskable, word_start, k, max_len)
     rows, cols = np.nonzero(chosen)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     labels[rows, cols] = ids[rows, cols]

@@ -258,6 +258,26 @@ def test_masking_depends_on_seed_epoch_and_index_only(data):
     assert rows_by_key(ds.batch([keys[70][1]]), [keys[70]]) == {keys[70]: whole[keys[70]]}
 
 
+def test_a_rows_masking_does_not_depend_on_the_batch_width():
+    """Row 30546 (seed 0, 100 tokens) has two candidates whose hashes tie in the 22 random bits of a 512-wide key
+    but not in the 24 of a 104-wide one: ranked by the batch's width, its choice changes with the padding; ranked
+    by max_len, it does not."""
+    L, key = 100, row_keys(0, np.zeros(1), np.array([30546]))
+
+    def labels(width: int, max_len: int | None) -> np.ndarray:
+        ids = np.zeros((1, width), np.int64)
+        ids[0, :L] = np.arange(L) + 10
+        maskable = np.zeros((1, width), bool)
+        maskable[0, 1:L - 1] = True
+        return mask_batch(ids, np.array([L]), maskable, key, mask_id=4, random_ids=np.arange(5, 1000),
+                          max_predictions=77, max_len=max_len)[1][0, :L]
+
+    assert not np.array_equal(labels(104, None), labels(512, None))  # the tie is real
+    assert np.array_equal(labels(104, 512), labels(512, 512))
+    with pytest.raises(ValueError, match="below the batch's width"):
+        labels(104, 96)
+
+
 def test_data_loader_workers_and_ranks_see_the_same_batches(data):
     folder, _ = data
     ds = PretrainingDataset(folder, "train", seed=4)
