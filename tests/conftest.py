@@ -143,14 +143,33 @@ def _expected_module(item) -> str | tuple[str, ...] | None:
     return None
 
 
+def _fail_on_out_of_bounds() -> None:
+    out_of_bounds = bounds.BOUNDS.take()  # raised in the kernel, but the code around it may have caught the error
+    if out_of_bounds:
+        pytest.fail("\n".join(out_of_bounds), pytrace=False)
+
+
+# Checked after each phase: a fixture's kernels (set-up, tear-down) are bounds-checked like the test's own.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    bounds.BOUNDS.take()
+    result = yield
+    _fail_on_out_of_bounds()
+    return result
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    _fail_on_out_of_bounds()
+    return result
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):
     LAUNCH_SPY.reset()
-    bounds.BOUNDS.take()
     result = yield  # re-raises the test's own failure: nothing to add then
-    out_of_bounds = bounds.BOUNDS.take()  # raised in the kernel, but a test may have caught the error
-    if out_of_bounds:
-        pytest.fail("\n".join(out_of_bounds), pytrace=False)
+    _fail_on_out_of_bounds()
     path = item.nodeid.split("::")[0]
     exempt = item.get_closest_marker("reference_path") or item.get_closest_marker("no_kernel")
     if path.startswith(KERNEL_TESTS) and not exempt:
