@@ -208,6 +208,13 @@ class WorkFolder:
         self.path = out_dir.parent / f".{out_dir.name}.work-{key}"
 
     def open(self) -> None:
+        """Take the folder (made if new); refused while another live process holds it (the same command, running
+        twice at once: the first to finish would remove the folder under the other)."""
+        owner = _owner(self.path)
+        if owner is not None and owner != os.getpid() and _pid_alive(owner):
+            raise ValueError(f"another fastbert-prepare (process {owner}) is preparing {self.out_dir} with the same "
+                             f"inputs and options right now (work folder {self.path.name}); wait for it to finish "
+                             "or stop it, then run this command again to reuse what it finished")
         (self.path / SHARD_DIR).mkdir(parents=True, exist_ok=True)
         (self.path / "pieces").mkdir(exist_ok=True)
         write_text_atomic(self.path / "owner.json", json.dumps({"pid": os.getpid()}))
@@ -239,12 +246,17 @@ class WorkFolder:
         for folder in self.out_dir.parent.iterdir():
             if not pattern.fullmatch(folder.name) or folder == self.path or not folder.is_dir():
                 continue
-            try:
-                pid = int(json.loads((folder / "owner.json").read_text(encoding="utf-8"))["pid"])
-            except (OSError, ValueError, KeyError, TypeError):
-                continue
-            if not _pid_alive(pid):
+            pid = _owner(folder)
+            if pid is not None and not _pid_alive(pid):
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _owner(work_folder: Path) -> int | None:
+    """The process id in a work folder's owner.json; None when there is none readable."""
+    try:
+        return int(json.loads((work_folder / "owner.json").read_text(encoding="utf-8"))["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def work_key(cfg: PrepareConfig, inputs: Sequence[str], pieces: Sequence[Piece], vocab: Path | None) -> str:

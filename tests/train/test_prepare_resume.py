@@ -134,6 +134,30 @@ def test_another_command_never_reuses_the_pieces_and_abandoned_work_is_removed(r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]
 
 
+def test_the_same_command_running_twice_at_once_is_refused(reference, tmp_path):
+    corpus, hashes = reference
+
+    def stop_after_one(name: str) -> None:
+        if name == "prepare:piece-00000:done":
+            raise KeyboardInterrupt
+
+    previous = set_fault_hook(stop_after_one)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finish(corpus, tmp_path)
+    finally:
+        set_fault_hook(previous)
+    (work,) = [p for p in tmp_path.iterdir() if p.name.startswith(".d.work-")]
+    (work / "owner.json").write_text(f'{{"pid": {os.getppid()}}}')  # a live process other than this one
+    with pytest.raises(ValueError, match=r"another fastbert-prepare \(process \d+\) is preparing"):
+        finish(corpus, tmp_path)
+    assert work.is_dir() and not (tmp_path / "d").exists()  # nothing of the other run's taken or removed
+    (work / "owner.json").write_text(f'{{"pid": {NO_PROCESS}}}')  # it was killed: this command goes on
+    said = finish(corpus, tmp_path)
+    assert any(m.startswith("preparing 5 of 6 piece(s)") for m in said), said
+    assert file_hashes(tmp_path / "d") == hashes
+
+
 def test_dask_cluster_gives_the_same_bytes(reference, tmp_path):
     """The same per-piece task on a local Dask cluster of two workers. Threads, not processes: two worker
     processes each import fastbert (torch) first, ~20 s on a busy 2-core machine; that the task travels to
