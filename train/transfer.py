@@ -256,6 +256,12 @@ def finetune_curve(cfg: TransferConfig, run_dir: Path, out_dir: Path, pretrain_c
             "pretrained_acc": rows[-1]["pretrained_acc"], "gain_points": rows[-1]["gain_points"]}
 
 
+def model_folder(path: Path) -> Path:
+    """The model folder `path` stands for: a pretraining run folder (its config.json is the run's options) gives
+    its final model, `model/`; a model folder is itself."""
+    return path / "model" if (path / "model" / "config.json").is_file() else path
+
+
 def transfer(cfg: TransferConfig, log=print) -> dict:
     cfg.validate()
     if cfg.threads:
@@ -263,9 +269,7 @@ def transfer(cfg: TransferConfig, log=print) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.process_time()
-    folder = Path(cfg.pretrained) if cfg.pretrained else pretrain_checkpoint(cfg, out_dir, log)
-    if not (folder / "config.json").is_file() and (folder / "model" / "config.json").is_file():
-        folder = folder / "model"
+    folder = model_folder(Path(cfg.pretrained) if cfg.pretrained else pretrain_checkpoint(cfg, out_dir, log))
     pretrain_cpu_s = time.process_time() - t0
     if cfg.curve_every:
         summary = finetune_curve(cfg, folder.parent, out_dir, pretrain_cpu_s, log)

@@ -93,6 +93,18 @@ def test_transfer_fine_tunes_a_pretraining_checkpoint_and_random_init(tmp_path):
     assert all(0.0 <= summary[k] <= 1.0 for k in ("pretrained_mean", "random_init_mean", "majority_class_acc"))
 
 
+def test_a_pretraining_run_folder_stands_for_its_final_model(tmp_path):
+    """`make demo-transfer` hands transfer() the run folder, whose own config.json holds the run's options."""
+    from train.transfer import model_folder
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    (run / "config.json").write_text("{}")  # the pretraining run's options, not a model's
+    (run / "model" / "config.json").write_text("{}")
+    assert model_folder(run) == run / "model"
+    assert model_folder(run / "model") == run / "model"
+
+
 def _tiny_pretrained(tmp_path):
     """A tiny BertForPreTraining with the MiniLM vocabulary; skips without the embedded task file."""
     import torch
