@@ -53,6 +53,21 @@ def finish(corpus: Path, folder: Path, **kw) -> list[str]:
     return said
 
 
+def interrupt_after(corpus: Path, folder: Path, point: str) -> None:
+    """Run the command into folder/d and stop it (Ctrl-C) at the fault point `point`."""
+
+    def stop(name: str) -> None:
+        if name == point:
+            raise KeyboardInterrupt
+
+    previous = set_fault_hook(stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            finish(corpus, folder)
+    finally:
+        set_fault_hook(previous)
+
+
 def test_same_bytes_whatever_the_workers(reference, tmp_path):
     corpus, expected = reference
     finish(corpus, tmp_path, workers=2)
@@ -111,16 +126,7 @@ def test_sigkill_then_the_same_command_finishes_with_the_same_bytes(reference, t
 def test_another_command_never_reuses_the_pieces_and_abandoned_work_is_removed(reference, tmp_path):
     corpus, _ = reference
 
-    def stop_after_two(name: str) -> None:
-        if name == "prepare:piece-00001:done":
-            raise KeyboardInterrupt
-
-    previous = set_fault_hook(stop_after_two)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            finish(corpus, tmp_path)
-    finally:
-        set_fault_hook(previous)
+    interrupt_after(corpus, tmp_path, "prepare:piece-00001:done")
     (kept,) = [p.name for p in tmp_path.iterdir() if p.name.startswith(".d.work-")]
     # A work folder whose owner is gone (a killed run of yet another command).
     (tmp_path / ".d.work-0123456789abcdef").mkdir()
@@ -137,16 +143,7 @@ def test_another_command_never_reuses_the_pieces_and_abandoned_work_is_removed(r
 def test_the_same_command_running_twice_at_once_is_refused(reference, tmp_path):
     corpus, hashes = reference
 
-    def stop_after_one(name: str) -> None:
-        if name == "prepare:piece-00000:done":
-            raise KeyboardInterrupt
-
-    previous = set_fault_hook(stop_after_one)
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            finish(corpus, tmp_path)
-    finally:
-        set_fault_hook(previous)
+    interrupt_after(corpus, tmp_path, "prepare:piece-00000:done")
     (work,) = [p for p in tmp_path.iterdir() if p.name.startswith(".d.work-")]
     (work / "owner.json").write_text(f'{{"pid": {os.getppid()}}}')  # a live process other than this one
     with pytest.raises(ValueError, match=r"another fastbert-prepare \(process \d+\) is preparing"):
